@@ -1,0 +1,5 @@
+import sys
+
+from velo.cli import main
+
+sys.exit(main())

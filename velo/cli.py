@@ -1,0 +1,290 @@
+"""The `velo` command: a thin shell over the engine.
+
+Every user error ends here as one or two lines on stderr and exit code 2;
+no traceback reaches the user for anything they can fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from velo import __version__
+from velo.config import ConfigError, find_config, load_config
+from velo.plugins import PluginError
+from velo.provider import ProviderError
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """Anything the user can fix; printed as is, exit code 2."""
+
+
+def _config(args):
+    path = Path(args.config) if args.config else find_config(Path.cwd())
+    return load_config(path)
+
+
+def _log_level(args) -> None:
+    level = getattr(logging, (getattr(args, "log_level", None) or "info").upper(), logging.INFO)
+    logging.basicConfig(level=level, format="velo: %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("picows").setLevel(max(level, logging.WARNING))
+
+
+# ---- commands ----------------------------------------------------------------------
+
+
+def cmd_up(args) -> int:
+    from velo.engine.up import StartupError, Up
+    from velo.runtime import run
+
+    config = _config(args)
+    _log_level(args)
+
+    async def main() -> int:
+        up = Up(config, say=lambda line: print(line, flush=True))
+        try:
+            await up.start()
+        except StartupError as exc:
+            raise UserError(str(exc)) from None
+        try:
+            await up.run_until_stopped()
+        finally:
+            print("velo: stopping", flush=True)
+            await up.stop()
+        return 0
+
+    return run(main())
+
+
+def cmd_down(args) -> int:
+    from velo.engine.control import request, socket_path
+
+    config = _config(args)
+    try:
+        request(socket_path(config.root), "shutdown")
+    except (ConnectionError, OSError):
+        print(f"velo: nothing running for {config.root}")
+        return 0
+    print("velo: stopped")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from velo.engine.control import request, socket_path
+    from velo.ui import status_table
+
+    config = _config(args)
+    try:
+        status = request(socket_path(config.root), "status")
+    except (ConnectionError, OSError):
+        if args.json:
+            print(json.dumps({"running": False}))
+        else:
+            print(f"velo: not running for {config.root} (start it with `velo up`)")
+        return 1
+    if args.json:
+        print(json.dumps({"running": True, **status}, indent=2))
+    else:
+        from rich.console import Console
+
+        Console().print(status_table(status))
+    return 0
+
+
+def _plan(config):
+    from velo.plan import build_plan
+    from velo.plugins import get_provider
+    from velo.runtime import run
+
+    async def main():
+        session = await get_provider(config.cluster.provider).open(config)
+        try:
+            return build_plan(config, await session.inventory())
+        finally:
+            await session.close()
+
+    return run(main())
+
+
+def cmd_config_check(args) -> int:
+    from velo.plugins import get_backend
+
+    config = _config(args)
+    get_backend(config.tunnel.backend)
+    for i, name in enumerate(config.tunnel.fallback):
+        get_backend(name, key=f"tunnel.fallback[{i}]")
+    plan = _plan(config)
+    print(f"{config.source_path}: ok")
+    print(f"project {config.project.name}: provider {config.cluster.provider}, "
+          f"tunnel {config.tunnel.backend}{' -> ' + ', '.join(config.tunnel.fallback) if config.tunnel.fallback else ''}"
+          f"{' ' + config.tunnel.url if config.tunnel.url else ''}")
+    for f in plan.forwards:
+        print(f"  forward {f.key:24} {f.local_host}:{f.local_port} -> {f.target_host}:{f.target_port}")
+    for r in plan.reverses:
+        print(f"  reverse {r.key:24} gateway :{r.gateway_port} -> {r.local_host}:{r.local_port}")
+    if config.env.file:
+        print(f"  env     {len(plan.env)} variables -> {config.env.file} ({config.env.format})")
+    return 0
+
+
+def cmd_env(args) -> int:
+    from velo.engine.envfile import render
+
+    config = _config(args)
+    plan = _plan(config)
+    sys.stdout.write(render(plan.env, args.format or config.env.format,
+                            secret_keys=plan.secret_keys, reveal=args.reveal))
+    return 0
+
+
+def cmd_gateway(args) -> int:
+    from velo.gateway_main import serve
+
+    _log_level(args)
+    token = _gateway_token(args)
+    return serve(args, token)
+
+
+def _gateway_token(args) -> str:
+    if args.token_file:
+        try:
+            token = Path(args.token_file).read_text().strip()
+        except OSError as exc:
+            raise UserError(f"--token-file {args.token_file}: {exc.strerror}") from None
+    else:
+        token = os.environ.get(args.token_env, "").strip()
+    if not token:
+        raise UserError(
+            f"velo gateway needs a token: set ${args.token_env} or pass --token-file "
+            "(a gateway without a token would be an open proxy)"
+        )
+    return token
+
+
+def cmd_demo(args) -> int:
+    from velo.demo import run_demo
+
+    _log_level(args)
+    return run_demo(duration=args.duration)
+
+
+def cmd_plugins(args) -> int:
+    from velo.plugins import backends, providers
+
+    print("tunnel backends:")
+    for name, backend in sorted(backends().items()):
+        print(f"  {name:12} {', '.join(s + '://' for s in backend.schemes):16} {backend.description}")
+    print("cluster providers:")
+    for name, provider in sorted(providers().items()):
+        print(f"  {name:12} {provider.description}")
+    return 0
+
+
+# ---- parser ------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="velo",
+        description="Develop one service of a Kubernetes application locally while the rest runs "
+        "in the cluster: forward proxies to the cluster's services, reverse proxies from the "
+        "cluster to your laptop, one reconnecting tunnel, all from velocity.toml.",
+    )
+    parser.add_argument("--version", action="version", version=f"velo {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def add(name, func, help_, description=None):
+        p = sub.add_parser(name, help=help_, description=description or help_)
+        if func is not None:
+            p.set_defaults(func=func)
+        return p
+
+    def config_arg(p):
+        p.add_argument("-c", "--config", metavar="PATH",
+                       help="velocity.toml to use (default: the nearest one in this folder or its parents)")
+
+    def log_arg(p):
+        p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                       help="how much to log on stderr (default: info)")
+
+    p = add("up", cmd_up, "start the mesh described by velocity.toml and keep it in step with the file",
+            "Start forward listeners, reverse routes and the tunnel described by velocity.toml; "
+            "watch the file and apply only what changed. Runs until Ctrl-C, SIGTERM or `velo down`.")
+    config_arg(p)
+    log_arg(p)
+
+    p = add("down", cmd_down, "stop the `velo up` running for this project and undo its changes")
+    config_arg(p)
+
+    p = add("status", cmd_status, "show the tunnel, listeners and traffic of the running `velo up`")
+    config_arg(p)
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+    p = add("env", cmd_env, "print the environment velo gives the local candidate",
+            "Print the environment variables of the plan (service addresses, candidate configuration, "
+            "overrides). Secrets are masked unless --reveal is given.")
+    config_arg(p)
+    p.add_argument("--format", choices=["dotenv", "shell", "json"], help="output format (default: env.format)")
+    p.add_argument("--reveal", action="store_true", help="show secret values instead of masking them")
+
+    config = add("config", None, "work with velocity.toml")
+    config_sub = config.add_subparsers(dest="config_command", metavar="SUBCOMMAND", required=True)
+    check = config_sub.add_parser("check", help="validate velocity.toml and print the resolved plan",
+                                  description="Validate velocity.toml and print the resolved plan.")
+    check.set_defaults(func=cmd_config_check)
+    config_arg(check)
+
+    p = add("gateway", cmd_gateway, "run the far end of the tunnel (the in-cluster traffic-proxy)",
+            "Accept velo tunnels. Forward streams are dialled only if --allow permits the target; "
+            "reverse listeners are opened for the connected client and closed when it leaves.")
+    p.add_argument("--listen", action="append", metavar="URL",
+                   help="where to accept tunnels; the scheme picks the backend "
+                   "(default: ws://0.0.0.0:7070/velo; repeatable)")
+    p.add_argument("--allow", action="append", default=[], metavar="HOST:PORT",
+                   help="forward targets clients may reach (fnmatch patterns, e.g. 'db:5432', "
+                   "'*.shop.svc.cluster.local:*'; repeatable; nothing is allowed by default)")
+    p.add_argument("--token-env", default="VELO_TOKEN", metavar="NAME",
+                   help="environment variable holding the bearer token (default: VELO_TOKEN)")
+    p.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file instead")
+    p.add_argument("--reverse-host", default="0.0.0.0", metavar="ADDR",
+                   help="address reverse listeners bind to (default: 0.0.0.0)")
+    p.add_argument("--keepalive-interval", type=float, default=5.0, metavar="SECONDS")
+    p.add_argument("--keepalive-timeout", type=float, default=15.0, metavar="SECONDS")
+    p.add_argument("--ready-file", metavar="PATH", help="write the listening URLs here once ready (for scripts)")
+    log_arg(p)
+
+    p = add("demo", cmd_demo, "see velo work on this machine: no cluster, no config needed",
+            "Start a local gateway, two sample remote services and a local candidate, run the mesh, "
+            "show a forward and a reverse request, and keep a live status table until Ctrl-C.")
+    p.add_argument("--duration", type=float, default=None, metavar="SECONDS",
+                   help="stop by itself after this long (default: run until Ctrl-C)")
+    log_arg(p)
+
+    add("plugins", cmd_plugins, "list installed tunnel backends and cluster providers")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)  # already names the file and key
+        return EXIT_USAGE
+    except (PluginError, ProviderError, UserError) as exc:
+        print(f"velo: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

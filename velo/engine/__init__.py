@@ -1,0 +1,1 @@
+"""The client-side runtime: tunnel supervisor, reconciler, control socket."""

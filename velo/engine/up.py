@@ -1,0 +1,228 @@
+"""`velo up`: config -> provider -> plan -> mesh, then keep them in step.
+
+Three things can change the plan while it runs: an edit of velocity.toml, the
+provider's inventory (services appearing in the cluster), and nothing else.
+Each goes through the same ``_apply`` so there is one reconciler.  A bad edit
+keeps the last good config running and says why.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import signal
+import time
+from pathlib import Path
+from typing import Callable
+
+from velo.config import ConfigError, VelocityConfig, load_config
+from velo.engine import envfile
+from velo.engine.client import TunnelClient
+from velo.engine.control import ControlServer, socket_path
+from velo.engine.mesh import Mesh
+from velo.plan import Inventory, Plan, build_plan
+from velo.plugins import get_provider
+from velo.provider import ProviderSession
+
+log = logging.getLogger("velo.up")
+
+
+class StartupError(Exception):
+    """`velo up` cannot start; the message is for the user (exit code 2)."""
+
+
+class Up:
+    def __init__(self, config: VelocityConfig, *, say: Callable[[str], None] = print):
+        self.config = config
+        self.say = say
+        self.session_id = secrets.token_hex(6)
+        self.provider: ProviderSession | None = None
+        self.inventory = Inventory()
+        self.client: TunnelClient | None = None
+        self.mesh: Mesh | None = None
+        self.control: ControlServer | None = None
+        self.stopping = asyncio.Event()
+        self.started = time.time()
+        self.reloads = 0
+        self.last_reload_error = ""
+        self._config_digest = _digest(config.source_path)
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        config = self.config
+        provider = get_provider(config.cluster.provider)
+        self.provider = await provider.open(config)
+        self.inventory = await self.provider.inventory()
+        tunnel = config.tunnel
+        self.client = TunnelClient(
+            self._endpoints,
+            self._resolve_reverse,
+            session_id=self.session_id,
+            connect_timeout=tunnel.connect_timeout,
+            keepalive_interval=tunnel.keepalive_interval,
+            keepalive_timeout=tunnel.keepalive_timeout,
+            reconnect_max_delay=tunnel.reconnect_max_delay,
+            wait_for_tunnel=tunnel.wait_for_tunnel,
+        )
+        self.mesh = Mesh(self.client)
+        self.control = ControlServer(
+            socket_path(config.root), {"status": lambda _r: self.status(), "shutdown": self._shutdown_request}
+        )
+        try:
+            await self.control.start()
+        except RuntimeError as exc:
+            raise StartupError(str(exc)) from None
+        plan = build_plan(config, self.inventory)
+        problems = await self.mesh.apply(plan)
+        if problems:
+            self.mesh.close()
+            self.control.close()
+            raise StartupError("\n".join(problems))
+        self._write_env(plan)
+        self.client.start()
+        self._tasks.append(asyncio.create_task(self._watch_config(), name="velo-watch-config"))
+        self._tasks.append(asyncio.create_task(self._watch_provider(), name="velo-watch-provider"))
+        self._describe(plan)
+
+    async def _endpoints(self):
+        return await self.provider.endpoints()
+
+    async def _resolve_reverse(self, header: dict):
+        return await self.mesh.resolve_reverse(header)
+
+    async def run_until_stopped(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(signum, self.stopping.set)
+            except (NotImplementedError, RuntimeError):
+                pass
+        await self.stopping.wait()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self.mesh is not None:
+            self.mesh.close()
+        if self.client is not None:
+            await self.client.stop()
+        if self.provider is not None:
+            await self.provider.close()
+        if self.control is not None:
+            self.control.close()
+
+    def _shutdown_request(self, _request: dict) -> dict:
+        asyncio.get_running_loop().call_soon(self.stopping.set)
+        return {"ok": True}
+
+    # ---- reconciling ------------------------------------------------------------
+
+    async def _apply(self, reason: str) -> None:
+        plan = build_plan(self.config, self.inventory)
+        before = self.mesh.plan
+        problems = await self.mesh.apply(plan)
+        for problem in problems:
+            self.say(f"velo: {problem}")
+        self._write_env(plan)
+        added = {f.key for f in plan.forwards} - {f.key for f in before.forwards}
+        removed = {f.key for f in before.forwards} - {f.key for f in plan.forwards}
+        if added or removed or plan.reverses != before.reverses:
+            self.say(f"velo: {reason}: " + ", ".join(
+                [f"+{k}" for k in sorted(added)] + [f"-{k}" for k in sorted(removed)]
+                or ["reverse routes updated"]
+            ))
+            for forward in plan.forwards:
+                if forward.key in added and forward.key in self.mesh.forwards:
+                    self.say(f"  forward {forward.key:24} {forward.local_host}:{forward.local_port} -> {forward.target_host}:{forward.target_port}")
+
+    async def _watch_config(self) -> None:
+        from watchfiles import awatch
+
+        path = self.config.source_path
+        async for _changes in awatch(
+            path.parent,
+            watch_filter=lambda _change, changed: Path(changed).name == path.name,
+            debounce=100,
+            step=50,
+        ):
+            digest = _digest(path)
+            if digest == self._config_digest:
+                continue
+            self._config_digest = digest
+            try:
+                new = load_config(path)
+            except ConfigError as exc:
+                self.last_reload_error = str(exc)
+                self.say(f"velo: {path.name} not applied, still running the last good config:\n{exc}")
+                continue
+            await self._reload(new)
+
+    async def _reload(self, new: VelocityConfig) -> None:
+        old, self.config = self.config, new
+        self.last_reload_error = ""
+        self.reloads += 1
+        if new.cluster != old.cluster or new.tunnel != old.tunnel:
+            await self.provider.close()
+            self.provider = await get_provider(new.cluster.provider).open(new)
+            tunnel = new.tunnel
+            client = self.client
+            client.connect_timeout = tunnel.connect_timeout
+            client.keepalive_interval = tunnel.keepalive_interval
+            client.keepalive_timeout = tunnel.keepalive_timeout
+            client.reconnect_max_delay = tunnel.reconnect_max_delay
+            client.wait_for_tunnel = tunnel.wait_for_tunnel
+            client.restart()
+        self.inventory = await self.provider.inventory()
+        await self._apply(f"{new.source_path.name} changed")
+
+    async def _watch_provider(self) -> None:
+        async for inventory in self.provider.watch():
+            self.inventory = inventory
+            await self._apply("cluster changed")
+
+    # ---- output -----------------------------------------------------------------
+
+    def _write_env(self, plan: Plan) -> None:
+        env = self.config.env
+        if env.file:
+            envfile.write(self.config.root / env.file, plan.env, env.format)
+
+    def _describe(self, plan: Plan) -> None:
+        config = self.config
+        self.say(f"velo: project {config.project.name}, provider {config.cluster.provider}, session {self.session_id}")
+        for forward in plan.forwards:
+            self.say(f"  forward {forward.key:24} {forward.local_host}:{forward.local_port} -> {forward.target_host}:{forward.target_port}")
+        for reverse in plan.reverses:
+            self.say(f"  reverse {reverse.key:24} gateway :{reverse.gateway_port} -> {reverse.local_host}:{reverse.local_port}")
+        if config.env.file:
+            self.say(f"  env     {len(plan.env)} variables in {config.env.file}")
+        self.say("velo: running; Ctrl-C stops and cleans up")
+
+    def status(self) -> dict:
+        status = self.mesh.status()
+        status.update(
+            project=self.config.project.name,
+            provider=self.config.cluster.provider,
+            session=self.session_id,
+            config=str(self.config.source_path),
+            started=self.started,
+            reloads=self.reloads,
+            last_reload_error=self.last_reload_error,
+        )
+        return status
+
+
+def _digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return ""

@@ -1,0 +1,247 @@
+"""`velo gateway`: the far end of every tunnel (the traffic-proxy, in a cluster).
+
+Forward streams are dialled only when the policy allows the target, so a
+gateway is never an open proxy.  Reverse listeners belong to the client session
+that asked for them and close the moment that client's tunnel is gone (a
+reconnecting client re-announces them), so nothing stays bound for a laptop
+that has lost power.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import hmac
+import logging
+import time
+
+from velo import protocol
+from velo.channel import MessageChannel
+from velo.plugins import backend_for_scheme
+from velo.transport import GatewayListen
+from velo.tunnel import Bridge, Refused, StreamStats, Tunnel
+
+log = logging.getLogger("velo.gateway")
+
+
+class AllowList:
+    """Forward policy: fnmatch patterns over "host:port" (e.g. "backend:8080",
+    "*.shop.svc.cluster.local:*").  Empty means nothing is allowed."""
+
+    def __init__(self, patterns: list[str]):
+        self.patterns = list(patterns)
+
+    def check(self, host: str, port: int) -> None:
+        target = f"{host}:{port}"
+        if not any(fnmatch.fnmatchcase(target, pattern) for pattern in self.patterns):
+            raise Refused(f"target {target} is not allowed by the gateway's policy")
+
+
+class ReverseListener:
+    """A gateway port whose connections are sent to one client as new streams."""
+
+    def __init__(self, name: str, port: int, session: "ClientSession"):
+        self.name = name
+        self.port = port
+        self.session = session
+        self.server: asyncio.AbstractServer | None = None
+        self.stats = StreamStats()
+
+    def make_bridge(self) -> Bridge:
+        return _ReverseBridge(self)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None
+
+
+class _ReverseBridge(Bridge):
+    __slots__ = ("listener",)
+
+    def __init__(self, listener: ReverseListener):
+        super().__init__(listener.stats)
+        self.listener = listener
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        tunnel = self.listener.session.tunnel
+        if tunnel is None or not tunnel.alive:
+            transport.abort()
+            return
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        tunnel.open(self, {"op": protocol.OP_REVERSE, "name": self.listener.name, "peer": f"{peer[0]}:{peer[1]}"})
+
+
+class ClientSession:
+    """One laptop, identified by the session id it announces on its control stream."""
+
+    def __init__(self, gateway: "Gateway", session_id: str, client: str, tunnel: Tunnel):
+        self.gateway = gateway
+        self.id = session_id
+        self.client = client
+        self.tunnel: Tunnel | None = tunnel
+        self.channel: MessageChannel | None = None
+        self.listeners: dict[str, ReverseListener] = {}
+        self.since = time.time()
+
+    def on_message(self, message: dict) -> None:
+        if message.get("op") == "reverse":
+            self.gateway.tunnel_task(self.tunnel, self.set_reverse(message.get("listeners") or []))
+        else:
+            log.info("session %s: ignoring control message %r", self.id, message.get("op"))
+
+    async def set_reverse(self, wanted: list[dict]) -> None:
+        """Bring this session's reverse listeners to ``wanted``; report each one's state."""
+        want = {}
+        for item in wanted:
+            try:
+                want[str(item["name"])] = int(item["port"])
+            except (KeyError, TypeError, ValueError):
+                continue
+        for name in list(self.listeners):
+            if want.get(name) != self.listeners[name].port:
+                self.listeners.pop(name).close()
+        report = []
+        for name, port in want.items():
+            error = None
+            if name not in self.listeners:
+                error = await self.gateway.bind_reverse(self, name, port)
+            report.append({"name": name, "port": port, "ok": error is None, "error": error})
+        if self.channel is not None:
+            self.channel.send({"op": "reverse-status", "listeners": report})
+
+    def detach(self) -> None:
+        for listener in self.listeners.values():
+            listener.close()
+        self.listeners.clear()
+        if self.channel is not None:
+            self.channel.close()
+        self.tunnel = None
+
+
+class Gateway:
+    def __init__(
+        self,
+        token: str,
+        policy: AllowList,
+        *,
+        reverse_host: str = "0.0.0.0",
+        keepalive_interval: float = 5.0,
+        keepalive_timeout: float = 15.0,
+    ):
+        if not token:
+            raise ValueError("a gateway needs a token")
+        self._token = token.encode()
+        self.policy = policy
+        self.reverse_host = reverse_host
+        self.keepalive_interval = keepalive_interval
+        self.keepalive_timeout = keepalive_timeout
+        self.sessions: dict[str, ClientSession] = {}
+        self.tunnels: set[Tunnel] = set()
+        self.servers: list[asyncio.AbstractServer] = []
+        self.forward_stats = StreamStats()
+
+    def authenticate(self, presented: str | None) -> bool:
+        return presented is not None and hmac.compare_digest(presented.encode(), self._token)
+
+    async def listen(self, url: str) -> asyncio.AbstractServer:
+        scheme, listen = parse_listen_url(url)
+        backend = backend_for_scheme(scheme)
+        server = await backend.serve(listen, self.authenticate, self._new_tunnel)
+        self.servers.append(server)
+        return server
+
+    def _new_tunnel(self) -> Tunnel:
+        tunnel = Tunnel(
+            client=False,
+            keepalive_interval=self.keepalive_interval,
+            keepalive_timeout=self.keepalive_timeout,
+            label="gateway",
+        )
+        tunnel.stats = self.forward_stats
+        tunnel.resolve = lambda header, t=tunnel: self._resolve(t, header)
+        self.tunnels.add(tunnel)
+        tunnel.closed.add_done_callback(lambda _f, t=tunnel: self._tunnel_closed(t))
+        return tunnel
+
+    async def _resolve(self, tunnel: Tunnel, header: dict):
+        op = header.get("op")
+        if op == protocol.OP_CONNECT:
+            host, port = header.get("host"), header.get("port")
+            if not isinstance(host, str) or not isinstance(port, int):
+                raise Refused("connect header needs a host and a port")
+            self.policy.check(host, port)
+            return host, port
+        if op == protocol.OP_CONTROL:
+            return self._attach_session(tunnel, str(header.get("session") or ""), str(header.get("client") or "?"))
+        raise Refused(f"unknown stream op {op!r}")
+
+    def _attach_session(self, tunnel: Tunnel, session_id: str, client: str) -> MessageChannel:
+        if not session_id:
+            raise Refused("control stream without a session id")
+        old = self.sessions.pop(session_id, None)
+        if old is not None:
+            log.info("session %s (%s) reconnected; dropping its old tunnel", session_id, client)
+            old_tunnel = old.tunnel
+            old.detach()
+            if old_tunnel is not None and old_tunnel is not tunnel:
+                old_tunnel.abort("replaced by a newer tunnel of the same session")
+        session = ClientSession(self, session_id, client, tunnel)
+        session.channel = MessageChannel(session.on_message)
+        self.sessions[session_id] = session
+        log.info("session %s (%s) attached from %s", session_id, client, tunnel.peer)
+        return session.channel
+
+    def _tunnel_closed(self, tunnel: Tunnel) -> None:
+        self.tunnels.discard(tunnel)
+        for session_id, session in list(self.sessions.items()):
+            if session.tunnel is tunnel:
+                log.info("session %s (%s) gone: %s", session_id, session.client, tunnel.close_reason)
+                session.detach()
+                del self.sessions[session_id]
+
+    def tunnel_task(self, tunnel: Tunnel | None, coro) -> None:
+        if tunnel is None or not tunnel.alive:
+            coro.close()
+            return
+        tunnel.spawn(coro)
+
+    async def bind_reverse(self, session: ClientSession, name: str, port: int) -> str | None:
+        for other in self.sessions.values():
+            if other is not session:
+                for listener in other.listeners.values():
+                    if listener.port == port:
+                        return f"port {port} is held by session {other.id} ({other.client})"
+        listener = ReverseListener(name, port, session)
+        try:
+            listener.server = await asyncio.get_running_loop().create_server(
+                listener.make_bridge, self.reverse_host, port, reuse_address=True
+            )
+        except OSError as exc:
+            return f"cannot listen on {self.reverse_host}:{port}: {exc.strerror or exc}"
+        if session.tunnel is None:  # the client left while we were binding
+            listener.close()
+            return "session closed"
+        session.listeners[name] = listener
+        log.info("session %s: reverse %s listening on %s:%d", session.id, name, self.reverse_host, port)
+        return None
+
+    async def close(self) -> None:
+        for server in self.servers:
+            server.close()
+        for tunnel in list(self.tunnels):
+            tunnel.close("gateway shutting down")
+        for session in list(self.sessions.values()):
+            session.detach()
+        self.sessions.clear()
+
+
+def parse_listen_url(url: str) -> tuple[str, GatewayListen]:
+    """``ws://0.0.0.0:7070/velo`` -> ("ws", GatewayListen(...)).  The scheme picks the backend."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.scheme or parts.port is None:
+        raise ValueError(f"--listen {url!r}: expected SCHEME://HOST:PORT[/PATH], e.g. ws://0.0.0.0:7070/velo")
+    return parts.scheme, GatewayListen(host=parts.hostname or "0.0.0.0", port=parts.port, path=parts.path or "/")

@@ -1,0 +1,62 @@
+"""Process shell of `velo gateway`: listeners, signals, readiness file."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from pathlib import Path
+
+from velo.gateway import AllowList, Gateway, parse_listen_url
+from velo.plugins import PluginError
+from velo.runtime import run
+
+log = logging.getLogger("velo.gateway")
+
+
+class GatewayStartError(Exception):
+    pass
+
+
+def serve(args, token: str) -> int:
+    from velo.cli import UserError
+
+    urls = args.listen or ["ws://0.0.0.0:7070/velo"]
+    for url in urls:
+        try:
+            parse_listen_url(url)
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+
+    async def main() -> int:
+        gateway = Gateway(
+            token,
+            AllowList(args.allow),
+            reverse_host=args.reverse_host,
+            keepalive_interval=args.keepalive_interval,
+            keepalive_timeout=args.keepalive_timeout,
+        )
+        bound = []
+        for url in urls:
+            try:
+                server = await gateway.listen(url)
+            except PluginError as exc:
+                raise UserError(str(exc)) from None
+            except OSError as exc:
+                raise UserError(f"--listen {url}: {exc.strerror or exc}") from None
+            sock = server.sockets[0].getsockname()
+            scheme, listen = parse_listen_url(url)
+            bound.append(f"{scheme}://{sock[0]}:{sock[1]}{listen.path}")
+        log.info("listening on %s; %d allow rule(s)", ", ".join(bound), len(args.allow))
+        if args.ready_file:
+            Path(args.ready_file).write_text("\n".join(bound) + "\n")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        log.info("shutting down")
+        await gateway.close()
+        return 0
+
+    return run(main())

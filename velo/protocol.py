@@ -1,0 +1,80 @@
+"""Velo's per-stream protocol on top of the multiplexer (sans-IO).
+
+Every stream starts with one *header* message from the opener (what to connect
+to) and one *reply* message from the acceptor (did it work).  The opener sends its
+payload right after the header without waiting for the reply, so a forwarded
+request costs no extra round trip; the acceptor holds that payload (bounded by the
+stream's flow-control window) until its dial finishes.
+
+The control stream carries a sequence of the same messages.  A message is a
+2-byte big-endian length followed by a JSON object.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+
+_LEN = struct.Struct(">H")
+MAX_MESSAGE = 16 * 1024
+
+# Header "op" values.
+OP_CONNECT = "connect"   # client -> gateway: dial host:port (forward proxy)
+OP_REVERSE = "reverse"   # gateway -> client: a connection arrived for a reverse listener
+OP_CONTROL = "control"   # client -> gateway: the long-lived control stream
+
+
+class MessageError(ValueError):
+    """The peer sent a malformed stream message; close that stream (or tunnel)."""
+
+
+def encode(message: dict) -> bytes:
+    body = json.dumps(message, separators=(",", ":")).encode()
+    if len(body) > MAX_MESSAGE:
+        raise MessageError(f"message too large ({len(body)} bytes)")
+    return _LEN.pack(len(body)) + body
+
+
+class MessageReader:
+    """Accumulates bytes and yields complete messages; leftover bytes stay in ``rest``."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes | memoryview) -> list[dict]:
+        self._buf += data
+        out = []
+        while len(self._buf) >= 2:
+            (size,) = _LEN.unpack_from(self._buf)
+            if size > MAX_MESSAGE:
+                raise MessageError(f"message length {size} exceeds {MAX_MESSAGE}")
+            if len(self._buf) < 2 + size:
+                break
+            body = bytes(self._buf[2 : 2 + size])
+            del self._buf[: 2 + size]
+            try:
+                message = json.loads(body)
+            except ValueError as exc:
+                raise MessageError(f"message is not JSON: {exc}") from None
+            if not isinstance(message, dict):
+                raise MessageError("message is not a JSON object")
+            out.append(message)
+        return out
+
+    def first(self, data: bytes | memoryview) -> tuple[dict | None, bytes]:
+        """Feed ``data``; once one message is complete return it and the bytes after it."""
+        self._buf += data
+        if len(self._buf) < 2:
+            return None, b""
+        (size,) = _LEN.unpack_from(self._buf)
+        if size > MAX_MESSAGE:
+            raise MessageError(f"message length {size} exceeds {MAX_MESSAGE}")
+        if len(self._buf) < 2 + size:
+            return None, b""
+        messages = MessageReader()
+        (message,) = messages.feed(self._buf[: 2 + size])
+        rest = bytes(self._buf[2 + size :])
+        self._buf.clear()
+        return message, rest

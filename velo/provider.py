@@ -1,0 +1,55 @@
+"""The provider seam: where remote services, the tunnel endpoint and the
+in-cluster half of the reverse path come from.
+
+``static`` reads them from velocity.toml; ``kubernetes`` discovers them and
+manages the traffic-proxy.  The engine only ever talks to this interface,
+through providers registered by the ``velo_cluster_providers`` hook.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import AsyncIterator, ClassVar
+
+from velo.plan import Inventory
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One way to reach a gateway: try them in order."""
+
+    backend: str
+    url: str
+    token: str
+
+
+class ProviderError(Exception):
+    """A user-facing failure (unreachable cluster, missing permission...): one or two lines."""
+
+
+class ProviderSession:
+    """A provider's live connection for one `velo up`."""
+
+    async def endpoints(self) -> list[Endpoint]:
+        """Asked before every (re)connect, so a provider can follow a restarted pod."""
+        raise NotImplementedError
+
+    async def inventory(self) -> Inventory:
+        raise NotImplementedError
+
+    async def watch(self) -> AsyncIterator[Inventory]:
+        """Yield a new inventory whenever the remote side changes.  Default: never."""
+        if False:  # pragma: no cover - makes this an async generator
+            yield Inventory()
+        return
+
+    async def close(self) -> None:
+        """Undo everything this session changed remotely."""
+
+
+class Provider:
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    async def open(self, config) -> ProviderSession:
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Built-in cluster providers, registered through the ``velo`` entry-point group."""

@@ -1,0 +1,94 @@
+"""The seam between velo's tunnel and the wire that carries it.
+
+A backend (WebSocket, HTTP/2, port-forward, anything a plugin adds) only has to
+move opaque bytes in both directions with backpressure.  Velo's multiplexer rides
+on top and never learns which backend carries it, the same way httpcore's
+connection pool never learns which network backend it has.
+
+The two halves mirror ``asyncio.Protocol``/``asyncio.Transport`` on purpose: the
+hot path is a chain of synchronous callbacks, with no coroutine per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Protocol
+
+
+class TunnelSink(Protocol):
+    """What velo gives a backend: the receiving end of one tunnel connection."""
+
+    def connection_made(self, pipe: "TunnelPipe") -> None: ...
+    def data_received(self, data: bytes | memoryview) -> None: ...
+    def connection_lost(self, exc: BaseException | None) -> None: ...
+    def pause_writing(self) -> None: ...
+    def resume_writing(self) -> None: ...
+
+
+class TunnelPipe(Protocol):
+    """What a backend gives velo: the sending end of one tunnel connection."""
+
+    peer: str
+
+    def write(self, data: bytes | memoryview) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+
+
+SinkFactory = Callable[[], TunnelSink]
+Authenticator = Callable[[str | None], bool]
+"""Called with the presented bearer token (or None); True admits the client."""
+
+
+class TunnelError(Exception):
+    """A tunnel could not be established; ``reason`` is shown in `velo status`."""
+
+    def __init__(self, reason: str, *, auth: bool = False):
+        super().__init__(reason)
+        self.reason = reason
+        self.auth = auth
+
+
+@dataclass(frozen=True)
+class GatewayListen:
+    """Where and how a gateway accepts tunnels for one backend."""
+
+    host: str
+    port: int
+    path: str = "/"
+    ssl: ssl.SSLContext | None = None
+
+
+class TunnelBackend:
+    """Base class for tunnel backends.  Subclass, set ``name`` and ``schemes``,
+    and return an instance from the ``velo_tunnel_backends`` hook."""
+
+    name: ClassVar[str] = ""
+    schemes: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+
+    async def connect(
+        self,
+        url: str,
+        token: str,
+        sink_factory: SinkFactory,
+        *,
+        timeout: float,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> TunnelPipe:
+        """Open one tunnel to ``url``.  Raise TunnelError on failure
+        (``auth=True`` when the gateway rejected the token)."""
+        raise NotImplementedError
+
+    async def serve(
+        self,
+        listen: GatewayListen,
+        authenticate: Authenticator,
+        sink_factory: SinkFactory,
+    ) -> asyncio.AbstractServer:
+        """Accept tunnels (gateway side).  Backends that only dial may leave this out."""
+        raise TunnelError(f"backend {self.name!r} cannot serve a gateway")

@@ -1,0 +1,49 @@
+"""Rich rendering of a status snapshot (shared by `velo status` and `velo demo`)."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def status_table(status: dict) -> Group:
+    tunnel = status["tunnel"]
+    state = tunnel["state"]
+    colour = {"up": "green", "reconnecting": "yellow", "connecting": "yellow"}.get(state, "red")
+    head = Text.assemble(
+        ("tunnel ", "bold"), (state, f"bold {colour}"),
+        f"  backend {tunnel['backend'] or '-'}  {tunnel['url'] or ''}",
+        f"  rtt {tunnel['rtt_ms']} ms" if tunnel["rtt_ms"] is not None else "  rtt -",
+        f"  reconnects {tunnel['reconnects']}",
+    )
+    if tunnel.get("up_since"):
+        head.append(f"  up {time.time() - tunnel['up_since']:.0f}s")
+    parts = [head]
+    if tunnel.get("last_error") and state != "up":
+        parts.append(Text(f"last error: {tunnel['last_error']}", style="red"))
+    table = Table(expand=False, box=None, header_style="bold")
+    for column in ("", "name", "listen", "target", "open", "total", "up", "down", "errors"):
+        table.add_column(column)
+    for f in status["forwards"]:
+        table.add_row("fwd", f["name"], f["listen"], f["target"], str(f["open"]), str(f["total"]),
+                      _bytes(f["bytes_up"]), _bytes(f["bytes_down"]), str(f["errors"]))
+    rev = status.get("reverse_streams", {})
+    for r in status["reverses"]:
+        table.add_row("rev", r["name"], f"gateway :{r['gateway_port']}", r["local"], str(rev.get("open", 0)),
+                      str(rev.get("total", 0)), _bytes(rev.get("bytes_up", 0)), _bytes(rev.get("bytes_down", 0)),
+                      r["state"] if r["state"] != "listening" else str(rev.get("errors", 0)))
+    parts.append(table)
+    if status.get("last_reload_error"):
+        parts.append(Text(status["last_reload_error"], style="red"))
+    return Group(*parts)
