@@ -45,6 +45,21 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "cluster: needs the local Kubernetes test cluster (tests/cluster)")
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the binaries before the first test when cluster tests are selected, so a cold build
+    (~25 min) does not count against a per-test timeout (pytest-timeout)."""
+    if os.environ.get("VELO_TEST_KUBECONFIG") or harness.binaries_ready() or not harness.can_build():
+        return
+    if not any(item.get_closest_marker("cluster") for item in session.items):
+        return
+    capman = session.config.pluginmanager.getplugin("capturemanager")
+    with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+        try:
+            harness.ensure_binaries()
+        except harness.ClusterError as e:  # the `cluster` fixture reports it per test
+            harness.log(f"build failed: {e}")
+
+
 def _skip_or_fail(reason: str) -> None:
     if os.environ.get("CI", "").strip().lower() == "true":
         pytest.fail(f"{reason} [CI=true: cluster tests must not be skipped]", pytrace=False)

@@ -112,11 +112,10 @@ class TunnelClient:
                 attempt = 0
                 reason = await asyncio.shield(tunnel.closed)
                 self._went_down(reason)
+                self.state = "reconnecting"
             else:
                 attempt += 1
-            delay = backoff_delay(attempt, self.reconnect_max_delay)
-            self.state = "reconnecting" if self.connects else "connecting"
-            await asyncio.sleep(delay)
+            await asyncio.sleep(backoff_delay(attempt, self.reconnect_max_delay))
 
     async def _connect_once(self) -> Tunnel | None:
         try:
@@ -145,11 +144,12 @@ class TunnelClient:
                 await asyncio.wait_for(asyncio.shield(tunnel.connected), self.connect_timeout)
             except TunnelError as exc:
                 self.last_error = exc.reason
-                self.state = "unauthorized" if exc.auth else "unreachable"
+                self.state = "unauthorized" if exc.auth else ("reconnecting" if self.connects else "connecting")
                 log.info("tunnel via %s failed: %s", endpoint.backend, exc.reason)
                 continue
             except (ConnectionError, TimeoutError, asyncio.TimeoutError, OSError) as exc:
                 self.last_error = f"{endpoint.url}: {exc or type(exc).__name__}"
+                self.state = "reconnecting" if self.connects else "connecting"
                 continue
             self._went_up(tunnel, endpoint)
             return tunnel

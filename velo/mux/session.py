@@ -160,7 +160,7 @@ class Session:
             take = rem if rem <= n else n
             sid = self._rem_sid
             if sid and take and sid in streams:  # app may have reset it meanwhile
-                append(DataReceived(sid, data[1:take]))
+                append(DataReceived(sid, data[:take]))
             rem -= take
             self._rem = rem
             pos = take
@@ -218,7 +218,7 @@ class Session:
                     self._rem_fin = self._dfin
                     return
         if pos < n:
-            self._hdr += data[pos:]
+            self._hdr += data[pos+1:]
 
     def _frame(self, vtf: int, sid: int, length: int, events: list[Event]) -> int:
         """Everything but the plain-data fast path.

@@ -1,0 +1,193 @@
+"""Real processes for real tests: start, wait for a fact, always clean up."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from velo.engine.control import request, socket_path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "test-token-0123456789"
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02):
+    """Poll ``predicate`` until it returns something truthy; fail naming ``what``."""
+    deadline = time.monotonic() + timeout
+    last_exc = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+            if value:
+                return value
+        except Exception as exc:  # keep polling; report the last problem on timeout
+            last_exc = exc
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last_exc!r})" if last_exc else ""))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Proc:
+    def __init__(self, name: str, args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
+        self.name = name
+        self.args = args
+        self.log_path = log
+        self._log = open(log, "ab")
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.popen = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, env=full_env, cwd=cwd, start_new_session=True
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, text: str, timeout: float = 10) -> None:
+        wait_for(lambda: text in self.log(), timeout, f"{text!r} in {self.name}'s log:\n{self.log()[-2000:]}")
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            os.kill(self.popen.pid, signum)
+
+    def wait(self, timeout: float = 10) -> int:
+        return self.popen.wait(timeout)
+
+    def stop(self, timeout: float = 10) -> int | None:
+        if self.running():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait(5)
+        self._log.close()
+        return self.popen.returncode
+
+
+class Procs:
+    """Every process a test starts; the fixture stops them all, pass or fail."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.all: list[Proc] = []
+
+    def start(self, name: str, args: list[str], **kw) -> Proc:
+        proc = Proc(name, args, self.tmp / f"{name}-{len(self.all)}.log", **kw)
+        self.all.append(proc)
+        return proc
+
+    def server(self, kind: str, **options) -> int:
+        """Start a tests/servers.py server; return its port."""
+        ready = self.tmp / f"{kind}-{len(self.all)}.port"
+        args = [sys.executable, "-m", "tests.servers", kind, "--ready-file", str(ready)]
+        for key, value in options.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        proc = self.start(kind, args, cwd=ROOT)
+        return int(wait_for(lambda: ready.exists() and ready.read_text(), 15, f"{kind} server to listen"))
+
+    def gateway(self, *allow: str, port: int = 0, token: str = TOKEN, scheme: str = "ws", extra=()) -> "Gateway":
+        ready = self.tmp / f"gateway-{len(self.all)}.ready"
+        path = "/velo" if scheme in ("ws", "wss") else ""
+        args = [sys.executable, "-m", "velo", "gateway", "--listen", f"{scheme}://127.0.0.1:{port}{path}",
+                "--reverse-host", "127.0.0.1", "--ready-file", str(ready), *extra]
+        for pattern in allow:
+            args += ["--allow", pattern]
+        proc = self.start("gateway", args, env={"VELO_TOKEN": token})
+        url = wait_for(lambda: ready.exists() and ready.read_text().strip(), 15, "gateway to listen")
+        return Gateway(proc, url, int(url.rsplit(":", 1)[1].split("/")[0]))
+
+    def up(self, config: Path, wait_up: bool = True, env: dict | None = None) -> "Up":
+        proc = self.start("up", [sys.executable, "-m", "velo", "up", "-c", str(config)], env=env, cwd=config.parent)
+        up = Up(proc, config)
+        wait_for(lambda: up.status() or not proc.running(), 20, "velo up to start")
+        assert proc.running(), f"velo up exited:\n{proc.log()}"
+        if wait_up:
+            up.wait_state("up")
+        return up
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.all):
+            proc.stop()
+
+
+class Gateway:
+    def __init__(self, proc: Proc, url: str, port: int):
+        self.proc = proc
+        self.url = url
+        self.port = port
+
+
+class Up:
+    def __init__(self, proc: Proc, config: Path):
+        self.proc = proc
+        self.config = config
+
+    def status(self) -> dict | None:
+        try:
+            return request(socket_path(self.config.parent), "status", timeout=2)
+        except (ConnectionError, OSError, ValueError):
+            return None
+
+    def wait_state(self, state: str, timeout: float = 15) -> dict:
+        return wait_for(
+            lambda: (s := self.status()) and s["tunnel"]["state"] == state and s,
+            timeout, f"tunnel state {state!r}; velo up log:\n{self.proc.log()[-3000:]}",
+        )
+
+    def env(self) -> dict[str, str]:
+        env = {}
+        for line in (self.config.parent / ".env").read_text().splitlines():
+            key, _, value = line.partition("=")
+            env[key] = value.strip('"')
+        return env
+
+    def port(self, service: str) -> int:
+        status = self.status()
+        for forward in status["forwards"]:
+            if forward["name"].split("/")[0] == service:
+                return int(forward["listen"].rsplit(":", 1)[1])
+        raise KeyError(service)
+
+    def forward(self, service: str) -> dict:
+        return next(f for f in self.status()["forwards"] if f["name"].split("/")[0] == service)
+
+
+def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None = None,
+                 local: dict[str, tuple[int, int]] | None = None, backend: str = "websocket",
+                 extra: str = "", token_env: str = "VELO_TEST_TOKEN") -> Path:
+    """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)}."""
+    lines = [
+        '[project]', 'name = "test"', '',
+        '[tunnel]', f'backend = "{backend}"', f'url = "{gateway_url}"', f'token_env = "{token_env}"',
+        'reconnect_max_delay = 0.5', 'keepalive_interval = 1.0', 'keepalive_timeout = 3.0', '',
+    ]
+    for name, (port, expose) in (local or {}).items():
+        lines += [f"[local.{name}]", f"port = {port}", f"expose = {expose}", ""]
+    for name, target in (remote or {}).items():
+        lines += [f"[remote.services.{name}]", f'target = "{target}"', ""]
+    lines.append(extra)
+    path.write_text("\n".join(lines))
+    return path
+
+
+def status_cli(config: Path) -> dict:
+    out = subprocess.run([sys.executable, "-m", "velo", "status", "--json", "-c", str(config)],
+                         capture_output=True, text=True, timeout=30)
+    return json.loads(out.stdout)
