@@ -34,7 +34,8 @@ def _config(args):
 def _log_level(args) -> None:
     level = getattr(logging, (getattr(args, "log_level", None) or "info").upper(), logging.INFO)
     logging.basicConfig(level=level, format="velo: %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("picows").setLevel(max(level, logging.WARNING))
+    for noisy in ("picows", "watchfiles", "asyncio"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
 # ---- commands ----------------------------------------------------------------------
@@ -114,12 +115,10 @@ def _plan(config):
 
 
 def cmd_config_check(args) -> int:
-    from velo.plugins import get_backend
+    from velo.engine.up import check_backends
 
     config = _config(args)
-    get_backend(config.tunnel.backend)
-    for i, name in enumerate(config.tunnel.fallback):
-        get_backend(name, key=f"tunnel.fallback[{i}]")
+    check_backends(config)
     plan = _plan(config)
     print(f"{config.source_path}: ok")
     print(f"project {config.project.name}: provider {config.cluster.provider}, "

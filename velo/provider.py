@@ -30,6 +30,13 @@ class ProviderError(Exception):
 class ProviderSession:
     """A provider's live connection for one `velo up`."""
 
+    def __init__(self, config) -> None:
+        self.config = config
+
+    def update_config(self, config) -> None:
+        """velocity.toml changed in ways that need no reconnect (services, env, locals)."""
+        self.config = config
+
     async def endpoints(self) -> list[Endpoint]:
         """Asked before every (re)connect, so a provider can follow a restarted pod."""
         raise NotImplementedError

@@ -23,7 +23,7 @@ from velo.engine.client import TunnelClient
 from velo.engine.control import ControlServer, socket_path
 from velo.engine.mesh import Mesh
 from velo.plan import Inventory, Plan, build_plan
-from velo.plugins import get_provider
+from velo.plugins import PluginError, get_backend, get_provider
 from velo.provider import ProviderSession
 
 log = logging.getLogger("velo.up")
@@ -47,6 +47,7 @@ class Up:
         self.started = time.time()
         self.reloads = 0
         self.last_reload_error = ""
+        self.fatal = ""
         self._config_digest = _digest(config.source_path)
         self._tasks: list[asyncio.Task] = []
 
@@ -54,6 +55,7 @@ class Up:
 
     async def start(self) -> None:
         config = self.config
+        check_backends(config)
         provider = get_provider(config.cluster.provider)
         self.provider = await provider.open(config)
         self.inventory = await self.provider.inventory()
@@ -84,8 +86,10 @@ class Up:
             raise StartupError("\n".join(problems))
         self._write_env(plan)
         self.client.start()
-        self._tasks.append(asyncio.create_task(self._watch_config(), name="velo-watch-config"))
-        self._tasks.append(asyncio.create_task(self._watch_provider(), name="velo-watch-provider"))
+        for coro, name in ((self._watch_config(), "watching velocity.toml"), (self._watch_provider(), "watching the provider")):
+            task = asyncio.create_task(coro, name=name)
+            task.add_done_callback(self._task_done)
+            self._tasks.append(task)
         self._describe(plan)
 
     async def _endpoints(self):
@@ -119,6 +123,16 @@ class Up:
             await self.provider.close()
         if self.control is not None:
             self.control.close()
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """A watcher must never die quietly: that would freeze the mesh without a word."""
+        if task.cancelled() or self.stopping.is_set():
+            return
+        exc = task.exception()
+        if exc is not None:
+            log.error("%s failed: %r; stopping", task.get_name(), exc, exc_info=exc)
+            self.fatal = f"{task.get_name()} failed: {exc}"
+            self.stopping.set()
 
     def _shutdown_request(self, _request: dict) -> dict:
         asyncio.get_running_loop().call_soon(self.stopping.set)
@@ -160,7 +174,8 @@ class Up:
             self._config_digest = digest
             try:
                 new = load_config(path)
-            except ConfigError as exc:
+                check_backends(new)
+            except (ConfigError, PluginError) as exc:
                 self.last_reload_error = str(exc)
                 self.say(f"velo: {path.name} not applied, still running the last good config:\n{exc}")
                 continue
@@ -181,6 +196,8 @@ class Up:
             client.reconnect_max_delay = tunnel.reconnect_max_delay
             client.wait_for_tunnel = tunnel.wait_for_tunnel
             client.restart()
+        else:
+            self.provider.update_config(new)
         self.inventory = await self.provider.inventory()
         await self._apply(f"{new.source_path.name} changed")
 
@@ -219,6 +236,14 @@ class Up:
             last_reload_error=self.last_reload_error,
         )
         return status
+
+
+def check_backends(config: VelocityConfig) -> None:
+    """Fail now, naming the key, rather than retrying a backend that cannot exist."""
+    get_backend(config.tunnel.backend)
+    for i, name in enumerate(config.tunnel.fallback):
+        get_backend(name, key=f"tunnel.fallback[{i}]")
+    get_provider(config.cluster.provider)
 
 
 def _digest(path: Path) -> str:

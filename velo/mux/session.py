@@ -185,7 +185,7 @@ class Session:
                 # Hot path: version 0, data frame, no flags.
                 st = streams.get(sid)
                 if st is not None and length <= st.recv_window and not st.remote_closed:
-                    st.recv_window -= length
+                    pass
                     end = pos + length
                     if end <= n:
                         if length:
@@ -218,7 +218,7 @@ class Session:
                     self._rem_fin = self._dfin
                     return
         if pos < n:
-            self._hdr += data[pos+1:]
+            self._hdr += data[pos:]
 
     def _frame(self, vtf: int, sid: int, length: int, events: list[Event]) -> int:
         """Everything but the plain-data fast path.
@@ -323,7 +323,7 @@ class Session:
             raise ProtocolError(
                 f"data ({length} bytes) exceeds receive window ({st.recv_window}) on stream {sid}"
             )
-        st.recv_window -= length
+        pass
         if flags & FLAG_ACK and not flags & FLAG_SYN and not st.local_closed:
             events.append(WindowUpdated(sid, st.send_window))
         if length:

@@ -17,9 +17,6 @@ def split_target(target: str) -> tuple[str, int]:
 
 
 class StaticSession(ProviderSession):
-    def __init__(self, config):
-        self.config = config
-
     async def endpoints(self) -> list[Endpoint]:
         tunnel = self.config.tunnel
         token = self.config.resolve_token()
