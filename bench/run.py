@@ -223,6 +223,13 @@ def accepts(port: int) -> bool:
         return False
 
 
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (not its children), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def vm_rss_kib(pid: int) -> int:
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -633,12 +640,29 @@ class Bench:
 
     # ---- measurements ---------------------------------------------------------------
 
+    def cpu_snap(self) -> tuple[float, dict[str, float]]:
+        return time.monotonic(), {name: cpu_seconds(self.procs.procs[name].pid) for name in ("up", "gateway")}
+
+    def cpu_record(self, key: str, arm: str, snap, units: float) -> None:
+        """CPU of velo's two processes over a velo-arm run: % of one core and per unit of work."""
+        if arm != VELO or snap is None:
+            return
+        then, before = snap
+        now, after = self.cpu_snap()
+        for name in before:
+            used = after[name] - before[name]
+            self.record(f"cpu_{key}_{name}_pct", VELO, 100 * used / max(now - then, 1e-9))
+            if units > 0:
+                self.record(f"cpu_{key}_{name}_per", VELO, 1e6 * used / units)
+
     def wrk_keepalive(self, arm: str, key: str, path: str, connections: int) -> None:
+        snap = self.cpu_snap() if arm == VELO else None
         try:
             result = run_wrk(self.tools["wrk"], self.url(arm, path), connections, self.args.duration)
         except (BenchError, subprocess.TimeoutExpired) as exc:
             self.fail(key, arm, str(exc))
             return
+        self.cpu_record(key, arm, snap, result["rps"] * self.args.duration)
         self.record(f"{key}_rps", arm, result["rps"])
         if "lat_ms" in result:
             self.record(f"{key}_lat", arm, result["lat_ms"])
@@ -648,11 +672,13 @@ class Bench:
 
     def wrk_close(self, arm: str) -> None:
         key = "close_c8"
+        snap = self.cpu_snap() if arm == VELO else None
         try:
             result = run_wrk(self.tools["wrk"], self.url(arm, "/1k.bin"), 8, self.args.duration, close=True)
         except (BenchError, subprocess.TimeoutExpired) as exc:
             self.fail(key, arm, str(exc))
             return
+        self.cpu_record(key, arm, snap, result["rps"] * self.args.duration)
         self.record(f"{key}_rps", arm, result["rps"])
         if result["errors"]:
             self.fail(f"{key}_rps", arm, f"wrk: {result['errors']}")
@@ -671,11 +697,13 @@ class Bench:
         log(f"  idle probe [{arm}]: n={len(lat)} p50 {percentile(lat, 50):.3f} ms p99 {percentile(lat, 99):.3f} ms")
 
     def bulk(self, arm: str) -> None:
+        snap = self.cpu_snap() if arm == VELO else None
         try:
             result = run_curl(self.tools["curl"], self.url(arm, self.bulk_path), self.bulk_size, self.args.bulk_timeout)
         except (BenchError, subprocess.TimeoutExpired) as exc:
             self.fail("bulk_mbps", arm, str(exc))
             return
+        self.cpu_record("bulk", arm, snap, self.bulk_size / MB)
         self.record("bulk_mbps", arm, result["mbps"])
         log(f"  bulk [{arm}]: {result['mbps']:,.0f} MB/s ({result['total_s']:.2f}s)")
 
@@ -894,6 +922,21 @@ class Bench:
                    "wrk's mean latency suffers from coordinated omission; the paced probe (one kept-alive "
                    f"connection, one request every {args.probe_interval_ms:g} ms, latency counted from the "
                    "scheduled send time) does not.")
+        cpu_rows = [(f"1 KiB keep-alive, {c} conn{'s' if c > 1 else ''}", f"ka_c{c}", "us/request") for c in args.connections]
+        cpu_rows += [("100 KiB keep-alive, 8 conns", "ka100k_c8", "us/request"),
+                     ("new connections (`Connection: close`, 8 conns)", "close_c8", "us/connection"),
+                     (f"{args.bulk_mib} MiB download", "bulk", "us/MB")]
+        if any(self.samples.get((f"cpu_{key}_up_pct", VELO)) for _l, key, _u in cpu_rows):
+            out.append("\nCPU of velo's processes during the velo-arm runs (medians; 100 % = one core busy; "
+                       "per unit = CPU time / work done):\n")
+            out.append("| run | `velo up` % core | `velo gateway` % core | `velo up` per unit | `velo gateway` per unit | unit |")
+            out.append("|---|---:|---:|---:|---:|---|")
+            for label, key, unit in cpu_rows:
+                vals = [self.median(f"cpu_{key}_{name}_{kind}", VELO)
+                        for kind in ("pct", "per") for name in ("up", "gateway")]
+                if vals[0] is None:
+                    continue
+                out.append(f"| {label} | " + " | ".join("" if v is None else f"{v:,.0f}" for v in vals) + f" | {unit} |")
         notes = list(self.notes)
         for key in ("integrity", "mem_open"):
             if key in self.extra:

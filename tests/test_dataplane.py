@@ -92,7 +92,7 @@ def test_forward_and_reverse_requests(mesh):
     status = status_cli(up.config)
     assert status["running"] and status["tunnel"]["state"] == "up"
     assert status["tunnel"]["rtt_ms"] is not None
-    web = next(f for f in status["forwards"] if f["name"].startswith("web/"))
+    web = next(f for f in status["forwards"] if f["name"] == "web")
     assert web["total"] >= 1 and web["bytes_down"] > 0
 
 

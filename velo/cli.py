@@ -33,7 +33,7 @@ def _config(args):
 
 def _log_level(args) -> None:
     level = getattr(logging, (getattr(args, "log_level", None) or "info").upper(), logging.INFO)
-    logging.basicConfig(level=level, format="velo: %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="velo: %(message)s", stream=sys.stderr)
     for noisy in ("picows", "watchfiles", "asyncio"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 

@@ -18,7 +18,7 @@ PORT_RANGE = (20000, 30000)  # stable hashed local ports live here
 class ServicePort:
     """One port of a remote service as the gateway reaches it."""
 
-    name: str           # the Service's port name, or the number as text
+    name: str           # the Service's port name ("" for a lone unnamed port)
     port: int           # the Service's port (what in-cluster clients use)
     target_host: str    # what the gateway dials
     target_port: int
@@ -42,7 +42,7 @@ class Reverse:
 
     @property
     def key(self) -> str:
-        return f"{self.service}/{self.port_name}"
+        return port_key(self.service, self.port_name)
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Forward:
 
     @property
     def key(self) -> str:
-        return f"{self.service}/{self.port_name}"
+        return port_key(self.service, self.port_name)
 
 
 @dataclass(frozen=True)
@@ -78,6 +78,11 @@ class Plan:
     reverses: tuple[Reverse, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
     secret_keys: frozenset[str] = frozenset()
+
+
+def port_key(service: str, port_name: str) -> str:
+    """``backend`` for a single unnamed port, ``backend/http`` otherwise."""
+    return f"{service}/{port_name}" if port_name else service
 
 
 def stable_port(key: str, taken: set[int]) -> int:
@@ -111,14 +116,14 @@ def build_plan(config, inventory: Inventory) -> Plan:
             continue
         for port in service.ports:
             if override.ports and port.name in override.ports:
-                fixed[f"{service.name}/{port.name}"] = override.ports[port.name]
+                fixed[port_key(service.name, port.name)] = override.ports[port.name]
             elif override.local_port and len(service.ports) == 1:
-                fixed[f"{service.name}/{port.name}"] = override.local_port
+                fixed[port_key(service.name, port.name)] = override.local_port
     taken = set(fixed.values())
     forwards = []
     for service in chosen:
         for port in service.ports:
-            key = f"{service.name}/{port.name}"
+            key = port_key(service.name, port.name)
             local_port = fixed.get(key) or stable_port(key, taken)
             taken.add(local_port)
             forwards.append(
@@ -148,7 +153,7 @@ def service_env(forwards: list[Forward]) -> dict[str, str]:
         env[f"{prefix}_PORT"] = f"tcp://{first.local_host}:{first.local_port}"
         env[f"{prefix}_URL"] = f"http://{first.local_host}:{first.local_port}"
         for forward in ports:
-            if not forward.port_name.isdigit():
+            if forward.port_name and not forward.port_name.isdigit():
                 env[f"{prefix}_SERVICE_PORT_{env_name(forward.port_name)}"] = str(forward.local_port)
             link = f"{prefix}_PORT_{forward.service_port}_TCP"
             env[link] = f"tcp://{forward.local_host}:{forward.local_port}"

@@ -33,14 +33,16 @@ def status_table(status: dict) -> Group:
     if tunnel.get("last_error") and state != "up":
         parts.append(Text(f"last error: {tunnel['last_error']}", style="red"))
     table = Table(expand=False, box=None, header_style="bold")
-    for column in ("", "name", "listen", "target", "open", "total", "up", "down", "errors"):
-        table.add_column(column)
+    for column in ("", "name", "listen", "target"):
+        table.add_column(column, no_wrap=True, overflow="fold")
+    for column in ("open", "total", "up", "down", "errors"):
+        table.add_column(column, justify="right", no_wrap=True)
     for f in status["forwards"]:
-        table.add_row("fwd", f["name"], f["listen"], f["target"], str(f["open"]), str(f["total"]),
+        table.add_row("fwd", f["name"], f["listen"].replace("127.0.0.1:", ":"), f["target"], str(f["open"]), str(f["total"]),
                       _bytes(f["bytes_up"]), _bytes(f["bytes_down"]), str(f["errors"]))
     rev = status.get("reverse_streams", {})
     for r in status["reverses"]:
-        table.add_row("rev", r["name"], f"gateway :{r['gateway_port']}", r["local"], str(rev.get("open", 0)),
+        table.add_row("rev", r["name"], f"gw :{r['gateway_port']}", r["local"].replace("127.0.0.1:", ":"), str(rev.get("open", 0)),
                       str(rev.get("total", 0)), _bytes(rev.get("bytes_up", 0)), _bytes(rev.get("bytes_down", 0)),
                       r["state"] if r["state"] != "listening" else str(rev.get("errors", 0)))
     parts.append(table)

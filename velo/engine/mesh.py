@@ -84,7 +84,7 @@ class Mesh:
         for key in list(self.forwards):
             if key not in wanted or wanted[key] != self.forwards[key].spec:
                 self.forwards.pop(key).close()
-                log.info("forward %s removed", key)
+                log.debug("forward %s removed", key)
         for key, spec in wanted.items():
             if key in self.forwards:
                 continue
@@ -95,7 +95,7 @@ class Mesh:
                 problems.append(str(exc))
                 continue
             self.forwards[key] = listener
-            log.info("forward %s on %s:%d -> %s:%d", key, spec.local_host, spec.local_port, spec.target_host, spec.target_port)
+            log.debug("forward %s on %s:%d -> %s:%d", key, spec.local_host, spec.local_port, spec.target_host, spec.target_port)
         self.reverses = {r.key: r for r in plan.reverses}
         self.client.set_reverse(
             [{"name": r.key, "port": r.gateway_port} for r in plan.reverses if r.gateway_port]

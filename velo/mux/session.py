@@ -185,7 +185,7 @@ class Session:
                 # Hot path: version 0, data frame, no flags.
                 st = streams.get(sid)
                 if st is not None and length <= st.recv_window and not st.remote_closed:
-                    pass
+                    st.recv_window -= length
                     end = pos + length
                     if end <= n:
                         if length:
@@ -323,7 +323,7 @@ class Session:
             raise ProtocolError(
                 f"data ({length} bytes) exceeds receive window ({st.recv_window}) on stream {sid}"
             )
-        pass
+        st.recv_window -= length
         if flags & FLAG_ACK and not flags & FLAG_SYN and not st.local_closed:
             events.append(WindowUpdated(sid, st.send_window))
         if length:
@@ -403,6 +403,7 @@ class Session:
             out.append(_pack(FLAG_FIN if fin else 0, stream_id, k))
             if k:
                 out.append(data if k == len(data) else data[:k])
+            self._out_bytes += k + HEADER_SIZE
         else:
             last = k - mf
             for off in range(0, k, mf):
@@ -412,7 +413,7 @@ class Session:
                 else:
                     out.append(_pack(FLAG_FIN if fin else 0, stream_id, k - off))
                     out.append(data[off:k])
-        self._out_bytes += k + HEADER_SIZE * ((k + mf - 1) // mf if k else 1)
+            self._out_bytes += k + HEADER_SIZE * ((k + mf - 1) // mf)
         st.send_window -= k
         if fin:
             st.local_closed = True

@@ -26,12 +26,12 @@ class StaticSession(ProviderSession):
         services = []
         for name, remote in self.config.remote.services.items():
             host, port = split_target(remote.target)
-            services.append(Service(name, (ServicePort(str(port), port, host, port),)))
+            services.append(Service(name, (ServicePort("", port, host, port),)))
         reverses = []
         for name, local in self.config.local.items():
             if local.port is not None:
                 expose = local.expose if isinstance(local.expose, int) else None
-                reverses.append(Reverse(name, str(local.port), expose, local.host, local.port))
+                reverses.append(Reverse(name, "", expose, local.host, local.port))
             else:
                 for pname, lport in local.ports.items():
                     reverses.append(Reverse(name, pname, local.expose[pname], local.host, lport))
