@@ -27,6 +27,7 @@ from velo.tunnel import Bridge, StreamStats, Tunnel
 log = logging.getLogger("velo.client")
 
 INITIAL_DELAY = 0.05
+AUTH_RETRY_DELAY = 5.0
 
 
 def backoff_delay(attempt: int, cap: float) -> float:
@@ -115,7 +116,10 @@ class TunnelClient:
                 self.state = "reconnecting"
             else:
                 attempt += 1
-            await asyncio.sleep(backoff_delay(attempt, self.reconnect_max_delay))
+            delay = backoff_delay(attempt, self.reconnect_max_delay)
+            if self.state == "unauthorized":  # retrying faster will not fix a token
+                delay = max(delay, AUTH_RETRY_DELAY)
+            await asyncio.sleep(delay)
 
     async def _connect_once(self) -> Tunnel | None:
         try:
