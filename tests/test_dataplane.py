@@ -262,3 +262,33 @@ def test_sigterm_stops_cleanly_and_leaves_nothing(procs, tmp_path):
         socket.create_connection(("127.0.0.1", port), timeout=2)
     assert up.status() is None
     gateway.proc.wait_log("gone")
+
+
+def test_gateway_frees_reverse_listener_when_client_dies_and_serves_the_next(procs, tmp_path):
+    candidate = procs.server("http", text="first-laptop")
+    gateway = procs.gateway()
+    expose = _free()
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, local={"website": (candidate, expose)})
+    up = procs.up(config)
+    wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")
+    assert http_get(expose).endswith(b"first-laptop")
+
+    up.proc.signal(signal.SIGKILL)  # the laptop vanishes without a word
+    up.proc.wait()
+    gateway.proc.wait_log("gone")
+
+    def refused() -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", expose), timeout=1).close()
+            return False
+        except ConnectionRefusedError:
+            return True
+
+    wait_for(refused, 5, "the reverse port to be released")
+    second = procs.server("http", text="second-laptop")
+    other = tmp_path / "second"
+    other.mkdir()
+    config2 = write_config(other / "velocity.toml", gateway_url=gateway.url, local={"website": (second, expose)})
+    up2 = procs.up(config2)
+    wait_for(lambda: up2.status()["reverses"][0]["state"] == "listening", 10, "reverse listener for the next client")
+    assert http_get(expose).endswith(b"second-laptop")
