@@ -50,30 +50,71 @@ def cmd_up(args) -> int:
 
     async def main() -> int:
         up = Up(config, say=lambda line: print(line, flush=True))
+        started = False
         try:
             await up.start()
+            started = True
+            await up.run_until_stopped()
         except StartupError as exc:
             raise UserError(str(exc)) from None
-        try:
-            await up.run_until_stopped()
-        finally:
-            print("velo: stopping", flush=True)
+        finally:  # also when start fails half-way or Ctrl-C lands during it
+            if started:
+                print("velo: stopping", flush=True)
             await up.stop()
-        return 0
+        return 1 if up.fatal else 0
 
     return run(main())
 
 
 def cmd_down(args) -> int:
     from velo.engine.control import request, socket_path
+    from velo.plugins import get_provider
+    from velo.runtime import run
 
     config = _config(args)
     try:
-        request(socket_path(config.root), "shutdown")
+        request(socket_path(config.root), "shutdown", timeout=10)
+        print("velo: asked the running `velo up` to stop")
+        _wait_gone(socket_path(config.root), timeout=config.cluster.ready_timeout)
+        print("velo: stopped")
     except (ConnectionError, OSError):
         print(f"velo: nothing running for {config.root}")
-        return 0
-    print("velo: stopped")
+
+    async def repair() -> list[str]:
+        session = await get_provider(config.cluster.provider).open(config)
+        return await session.repair(everything=args.all)
+
+    for line in run(repair()):
+        print(f"velo: {line}")
+    return 0
+
+
+def _wait_gone(path, timeout: float) -> None:
+    import time
+
+    from velo.engine.control import ping
+
+    deadline = time.monotonic() + timeout
+    while ping(path) and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
+def cmd_rbac(args) -> int:
+    from velo.plugins import get_provider
+
+    namespace = args.namespace
+    provider_name = "kubernetes"
+    if namespace is None:
+        try:
+            config = _config(args)
+            namespace = config.cluster.namespace or None
+            provider_name = config.cluster.provider
+        except ConfigError:
+            pass
+    provider = get_provider(provider_name)
+    if not hasattr(provider, "rbac"):
+        raise UserError(f'cluster provider "{provider_name}" needs no cluster permissions')
+    sys.stdout.write(provider.rbac(namespace or "NAMESPACE"))
     return 0
 
 
@@ -219,8 +260,16 @@ def build_parser() -> argparse.ArgumentParser:
     config_arg(p)
     log_arg(p)
 
-    p = add("down", cmd_down, "stop the `velo up` running for this project and undo its changes")
+    p = add("down", cmd_down, "stop the `velo up` running for this project and undo its changes",
+            "Stop the running `velo up` of this project (it restores what it changed), then repair "
+            "whatever crashed sessions left behind in the namespace.")
     config_arg(p)
+    p.add_argument("--all", action="store_true",
+                   help="also clean up every other session of yours in the namespace, even live ones")
+
+    p = add("rbac", cmd_rbac, "print the Kubernetes Role that velo needs, as YAML")
+    config_arg(p)
+    p.add_argument("--namespace", help="namespace for the Role (default: cluster.namespace of velocity.toml)")
 
     p = add("status", cmd_status, "show the tunnel, listeners and traffic of the running `velo up`")
     config_arg(p)
@@ -257,6 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keepalive-interval", type=float, default=5.0, metavar="SECONDS")
     p.add_argument("--keepalive-timeout", type=float, default=15.0, metavar="SECONDS")
     p.add_argument("--ready-file", metavar="PATH", help="write the listening URLs here once ready (for scripts)")
+    p.add_argument("--session", metavar="ID",
+                   help="in a cluster: the velo session this traffic-proxy serves; when its Lease lapses the "
+                   "gateway restores the session's Services and removes its objects")
+    p.add_argument("--lease-check", type=float, default=2.0, metavar="SECONDS",
+                   help="how often to check the session's Lease (default: 2)")
     log_arg(p)
 
     p = add("demo", cmd_demo, "see velo work on this machine: no cluster, no config needed",

@@ -12,7 +12,9 @@ from __future__ import annotations
 import asyncio
 import fnmatch
 import hmac
+import json
 import logging
+import os
 import time
 
 from velo import protocol
@@ -22,6 +24,17 @@ from velo.transport import GatewayListen
 from velo.tunnel import Bridge, Refused, StreamStats, Tunnel
 
 log = logging.getLogger("velo.gateway")
+
+
+def host_port(port: int) -> int:
+    """The port to bind for a container port.
+
+    In a real pod that is the port itself.  A test runner that plays the kubelet
+    for several pods on one machine maps container ports to free host ports and
+    says so in VELO_PORT_MAP (JSON {"containerPort": hostPort}).
+    """
+    mapping = json.loads(os.environ.get("VELO_PORT_MAP") or "{}")
+    return int(mapping.get(str(port), port))
 
 
 class AllowList:
@@ -216,7 +229,7 @@ class Gateway:
         listener = ReverseListener(name, port, session)
         try:
             listener.server = await asyncio.get_running_loop().create_server(
-                listener.make_bridge, self.reverse_host, port, reuse_address=True
+                listener.make_bridge, self.reverse_host, host_port(port), reuse_address=True
             )
         except OSError as exc:
             return f"cannot listen on {self.reverse_host}:{port}: {exc.strerror or exc}"
@@ -244,4 +257,4 @@ def parse_listen_url(url: str) -> tuple[str, GatewayListen]:
     parts = urlsplit(url)
     if not parts.scheme or parts.port is None:
         raise ValueError(f"--listen {url!r}: expected SCHEME://HOST:PORT[/PATH], e.g. ws://0.0.0.0:7070/velo")
-    return parts.scheme, GatewayListen(host=parts.hostname or "0.0.0.0", port=parts.port, path=parts.path or "/")
+    return parts.scheme, GatewayListen(host=parts.hostname or "0.0.0.0", port=host_port(parts.port), path=parts.path or "/")

@@ -18,6 +18,37 @@ class GatewayStartError(Exception):
     pass
 
 
+async def watch_lease(session: str, every: float, stop: asyncio.Event) -> None:
+    """In a cluster: when the laptop's lease lapses, restore its Services, remove the
+    session's objects (this pod's Deployment last) and stop.  Nothing depends on the laptop."""
+    from velo.providers.kubernetes import intercept as ix
+    from velo.providers.kubernetes.api import in_cluster_connection
+
+    conn = in_cluster_connection()
+    while not stop.is_set():
+        try:
+            alive = await asyncio.to_thread(ix.lease_alive, conn, session)
+        except Exception as exc:  # API trouble is not proof of death: look again later
+            log.warning("checking the lease of session %s failed: %s", session, exc)
+            alive = True
+        if not alive:
+            log.warning("the lease of session %s lapsed: restoring its Services and removing its objects", session)
+            for attempt in range(30):
+                try:
+                    restored = await asyncio.to_thread(ix.clean_session, conn, session, everything=False)
+                    log.warning("restored %s; session %s cleaned up", ", ".join(restored) or "nothing", session)
+                    break
+                except Exception as exc:
+                    log.warning("cleanup attempt %d failed: %s", attempt + 1, exc)
+                    await asyncio.sleep(2)
+            stop.set()
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), every)
+        except asyncio.TimeoutError:
+            pass
+
+
 def serve(args, token: str) -> int:
     from velo.cli import UserError
 
@@ -54,6 +85,8 @@ def serve(args, token: str) -> int:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
+        if args.session:
+            watcher = asyncio.create_task(watch_lease(args.session, args.lease_check, stop))
         await stop.wait()
         log.info("shutting down")
         await gateway.close()

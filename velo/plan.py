@@ -66,10 +66,11 @@ class Forward:
     local_port: int
     target_host: str
     target_port: int
+    single: bool = True   # the service's only port: named by the service alone
 
     @property
     def key(self) -> str:
-        return port_key(self.service, self.port_name)
+        return port_key(self.service, "" if self.single else self.port_name or str(self.service_port))
 
 
 @dataclass(frozen=True)
@@ -122,13 +123,13 @@ def build_plan(config, inventory: Inventory) -> Plan:
     taken = set(fixed.values())
     forwards = []
     for service in chosen:
+        single = len(service.ports) == 1
         for port in service.ports:
-            key = port_key(service.name, port.name)
-            local_port = fixed.get(key) or stable_port(key, taken)
+            key = port_key(service.name, "" if single else port.name or str(port.port))
+            local_port = fixed.get(key) or fixed.get(port_key(service.name, port.name)) or stable_port(key, taken)
             taken.add(local_port)
-            forwards.append(
-                Forward(service.name, port.name, port.port, LOCAL_HOST, local_port, port.target_host, port.target_port)
-            )
+            forwards.append(Forward(service.name, port.name, port.port, LOCAL_HOST, local_port,
+                                    port.target_host, port.target_port, single))
     env = dict(inventory.env)
     env.update(service_env(forwards))
     env.update(config.env.vars)

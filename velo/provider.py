@@ -50,6 +50,16 @@ class ProviderSession:
             yield Inventory()
         return
 
+    async def start(self, say) -> None:
+        """`velo up` only: make the remote side (traffic-proxy, intercepts).  ``say`` prints progress."""
+
+    async def keepalive(self) -> None:
+        """Runs for the life of `velo up` (e.g. renewing a lease); raising stops velo with its message."""
+
+    async def repair(self, everything: bool = False) -> list[str]:
+        """Undo what crashed sessions left behind; ``everything``: all of this user's sessions."""
+        return []
+
     async def close(self) -> None:
         """Undo everything this session changed remotely."""
 

@@ -37,8 +37,13 @@ import pytest
 from tests.cluster import harness
 from tests.cluster import podrunner
 
-_SKIP_REASON = ("cluster tests skipped: Kubernetes binaries not built and no `go` (>= 1.26) to build them "
-                "(run `make cluster-bins`), and VELO_TEST_KUBECONFIG is not set")
+def _unavailable_reason() -> str:
+    return (f"no Kubernetes test cluster: binaries not built in {harness.cache_dir()} and no `go` (>= 1.26) "
+            "on PATH to build them (`make cluster-bins`), and VELO_TEST_KUBECONFIG is not set")
+
+
+def _cluster_available() -> bool:
+    return bool(os.environ.get("VELO_TEST_KUBECONFIG")) or harness.binaries_ready() or harness.can_build()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -46,11 +51,21 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Build the binaries before the first test when cluster tests are selected, so a cold build
-    (~25 min) does not count against a per-test timeout (pytest-timeout)."""
-    if os.environ.get("VELO_TEST_KUBECONFIG") or harness.binaries_ready() or not harness.can_build():
-        return
+    """When cluster tests are selected: say once why they will be skipped, or build the binaries
+    now, before the first test, so a cold build (~10-25 min) does not count against a per-test
+    timeout (pytest-timeout)."""
     if not any(item.get_closest_marker("cluster") for item in session.items):
+        return
+    if not _cluster_available():
+        tr = session.config.pluginmanager.get_plugin("terminalreporter")
+        verdict = "ERROR (CI=true)" if os.environ.get("CI", "").strip().lower() == "true" else "skipped"
+        line = f"velo-cluster: cluster tests {verdict}: {_unavailable_reason()}"
+        if tr is not None:
+            tr.write_line(line, yellow=True, bold=True)
+        else:
+            harness.log(line)
+        return
+    if os.environ.get("VELO_TEST_KUBECONFIG") or harness.binaries_ready():
         return
     capman = session.config.pluginmanager.getplugin("capturemanager")
     with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
@@ -157,8 +172,8 @@ def cluster(request: pytest.FixtureRequest) -> Iterator[ClusterHandle]:
         yield ClusterHandle(ext, _state_dir_of(ext), owned=False)
         return
 
-    if not harness.binaries_ready() and not harness.can_build():
-        _skip_or_fail(_SKIP_REASON)
+    if not _cluster_available():
+        _skip_or_fail(_unavailable_reason())
 
     capman = request.config.pluginmanager.getplugin("capturemanager")
 

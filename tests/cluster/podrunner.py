@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from tests.cluster.harness import (
-    Cluster, kill_and_wait, netns_add_addr, pid_alive, proc_starttime, read_pidfile, write_pidfile,
+    Cluster, kill_and_wait, netns_add_addr, pid_alive, read_pidfile, write_pidfile,
 )
 
 COMPONENT_LABEL = ("app.kubernetes.io/component", "velo-traffic-proxy")
@@ -559,7 +559,8 @@ class PodRunner:
         rec.state = "running"
         write_pidfile(self.pods_dir / f"{rec.key}.pid", rec.popen.pid)
         self._write_record(rec, argv=argv)
-        _log(f"{rec.key}: started pid {rec.popen.pid}: {argv} ports {rec.port_map}")
+        short = [a if len(a) <= 80 else a[:77].replace("\n", " ") + "..." for a in argv]
+        _log(f"{rec.key}: started pid {rec.popen.pid}: {short} ports {rec.port_map}")
 
     def _put_portforward(self, rec: PodProc) -> None:
         from kubernetes.client.exceptions import ApiException

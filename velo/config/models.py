@@ -274,6 +274,8 @@ class ClusterConfig(_Model):
     context: Text = ""
     namespace: Text = ""
     lease_seconds: LeaseSeconds = 30
+    proxy_image: NonEmpty = "ghcr.io/velo-dev/velo-proxy:0.1.0"
+    ready_timeout: Seconds = 120.0
 
     @property
     def is_static(self) -> bool:

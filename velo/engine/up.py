@@ -24,7 +24,7 @@ from velo.engine.control import ControlServer, socket_path
 from velo.engine.mesh import Mesh
 from velo.plan import Inventory, Plan, build_plan
 from velo.plugins import PluginError, get_backend, get_provider
-from velo.provider import ProviderSession
+from velo.provider import ProviderError, ProviderSession
 
 log = logging.getLogger("velo.up")
 
@@ -46,8 +46,8 @@ class Up:
         self.stopping = asyncio.Event()
         self.started = time.time()
         self.reloads = 0
-        self.last_reload_error = ""
         self.fatal = ""
+        self.last_reload_error = ""
         self._config_digest = _digest(config.source_path)
         self._tasks: list[asyncio.Task] = []
 
@@ -81,12 +81,12 @@ class Up:
         plan = build_plan(config, self.inventory)
         problems = await self.mesh.apply(plan)
         if problems:
-            self.mesh.close()
-            self.control.close()
             raise StartupError("\n".join(problems))
+        await self.provider.start(self.say)
         self._write_env(plan)
         self.client.start()
-        for coro, name in ((self._watch_config(), "watching velocity.toml"), (self._watch_provider(), "watching the provider")):
+        for coro, name in ((self._watch_config(), "watching velocity.toml"), (self._watch_provider(), "watching the provider"),
+                           (self.provider.keepalive(), "keeping the session alive")):
             task = asyncio.create_task(coro, name=name)
             task.add_done_callback(self._task_done)
             self._tasks.append(task)
@@ -120,7 +120,10 @@ class Up:
         if self.client is not None:
             await self.client.stop()
         if self.provider is not None:
-            await self.provider.close()
+            try:
+                await self.provider.close()
+            except ProviderError as exc:
+                self.say(f"velo: cleaning up failed: {exc}; run `velo down` to retry")
         if self.control is not None:
             self.control.close()
 
@@ -129,7 +132,11 @@ class Up:
         if task.cancelled() or self.stopping.is_set():
             return
         exc = task.exception()
-        if exc is not None:
+        if isinstance(exc, ProviderError):
+            self.say(f"velo: {exc}")
+            self.fatal = str(exc)
+            self.stopping.set()
+        elif exc is not None:
             log.error("%s failed: %r; stopping", task.get_name(), exc, exc_info=exc)
             self.fatal = f"{task.get_name()} failed: {exc}"
             self.stopping.set()

@@ -1,0 +1,449 @@
+"""The kubernetes provider: discovery, env, the traffic-proxy, the selector swap.
+
+`velo env` and `velo config check` only read (``open`` + ``inventory``); `velo up`
+also calls ``start``, which creates the session's traffic-proxy, waits for it, takes
+the Lease and swaps the candidates' selectors; ``close`` undoes all of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import logging
+import secrets
+import string
+import threading
+from importlib import resources
+from typing import AsyncIterator
+
+import yaml
+from kubernetes import watch
+from kubernetes.client.rest import ApiException
+
+from velo.hookspecs import hookimpl
+from velo.plan import Inventory, Reverse, Service, ServicePort
+from velo.provider import Endpoint, Provider, ProviderError, ProviderSession
+
+from . import intercept as ix
+from .api import Connection, call, connect, explain
+
+log = logging.getLogger("velo.kubernetes")
+
+TUNNEL_PORT = 7070
+WORKLOAD_KINDS = ("deployment", "statefulset")
+
+
+def dns_name(service: str, namespace: str) -> str:
+    return f"{service}.{namespace}.svc.cluster.local"
+
+
+def rbac_role(namespace: str = "NAMESPACE") -> str:
+    """The Role a developer needs for `velo up` in one namespace (printed by `velo rbac`)."""
+    role = {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": {"name": "velo-developer", "namespace": namespace},
+        "rules": [
+            {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "patch", "update"]},
+            {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "delete"]},
+            {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create", "delete"]},
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+            {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create", "delete"]},
+            {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get", "list"]},
+            {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
+             "verbs": ["get", "list", "create", "delete"]},
+            {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+             "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+        ],
+    }
+    return yaml.safe_dump(role, sort_keys=False)
+
+
+class KubernetesSession(ProviderSession):
+    def __init__(self, config, conn: Connection):
+        super().__init__(config)
+        self.conn = conn
+        self.session = secrets.token_hex(5)
+        self.token = secrets.token_urlsafe(32)
+        self.started = False
+        self.intercepted: list[str] = []
+        self.warnings: list[str] = []
+        self._watch: watch.Watch | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def namespace(self) -> str:
+        return self.conn.namespace
+
+    # ---- discovery ----------------------------------------------------------------
+
+    async def _services(self) -> list:
+        result = await call(self.conn, f"listing Services in namespace {self.namespace}",
+                            self.conn.core.list_namespaced_service, self.namespace)
+        return result.items
+
+    async def inventory(self) -> Inventory:
+        services = await self._services()
+        by_name = {s.metadata.name: s for s in services}
+        inventory_services = []
+        warned = set()
+        for svc in services:
+            ports = self._service_ports(svc, warned)
+            if ports:
+                inventory_services.append(Service(svc.metadata.name, tuple(ports)))
+        reverses: list[Reverse] = []
+        env: dict[str, str] = {}
+        secret_keys: set[str] = set()
+        for name, local in self.config.local.items():
+            svc = by_name.get(name)
+            if svc is None:
+                close = difflib.get_close_matches(name, list(by_name), n=3)
+                hint = f"; did you mean {', '.join(close)}?" if close else ""
+                raise ProviderError(f"[local.{name}]: no Service {name} in namespace {self.namespace}{hint}")
+            workload = await self._workload(name, svc, local.workload)
+            reverses += self._reverses(name, svc, local, workload)
+            if workload is not None:
+                candidate = await self._candidate_env(svc, workload)
+                for key, value in candidate.env:
+                    env[key] = value
+                secret_keys |= set(candidate.secret_keys)
+                self.warnings += list(candidate.warnings)
+        return Inventory(tuple(inventory_services), tuple(reverses), tuple(env.items()), frozenset(secret_keys))
+
+    def _service_ports(self, svc, warned: set) -> list[ServicePort]:
+        name = svc.metadata.name
+        spec = svc.spec
+        if spec.type == "ExternalName":
+            host = spec.external_name
+        else:
+            host = dns_name(name, self.namespace)
+        headless = spec.cluster_ip == "None"
+        ports = []
+        for port in spec.ports or []:
+            if (port.protocol or "TCP") != "TCP":
+                if name not in warned:
+                    warned.add(name)
+                    log.warning("Service %s: %s port %s skipped (velo forwards TCP only)", name, port.protocol, port.port)
+                continue
+            target = port.port
+            if headless and isinstance(port.target_port, int):
+                target = port.target_port  # no proxying: pods are dialled directly
+            ports.append(ServicePort(port.name or "", port.port, host, target))
+        return ports
+
+    async def _workload(self, name: str, svc, explicit: str | None):
+        if explicit:
+            kind, _, wname = explicit.partition("/")
+            reader = {"deployment": self.conn.apps.read_namespaced_deployment,
+                      "statefulset": self.conn.apps.read_namespaced_stateful_set}[kind]
+            try:
+                return await asyncio.to_thread(reader, wname, self.namespace, _request_timeout=15)
+            except ApiException as exc:
+                if exc.status == 404:
+                    raise ProviderError(f"local.{name}.workload: no {kind} {wname} in namespace {self.namespace}") from None
+                raise explain(exc, self.conn, f"reading {explicit}") from None
+        selector = svc.spec.selector or {}
+        if not selector:
+            return None
+        matches = []
+        for kind, lister in (("deployment", self.conn.apps.list_namespaced_deployment),
+                             ("statefulset", self.conn.apps.list_namespaced_stateful_set)):
+            items = (await call(self.conn, f"listing {kind}s", lister, self.namespace)).items
+            for item in items:
+                labels = item.spec.template.metadata.labels or {}
+                if (item.metadata.labels or {}).get(ix.LABEL_MANAGED) == "velo":
+                    continue
+                if all(labels.get(k) == v for k, v in selector.items()):
+                    matches.append((kind, item))
+        if len(matches) > 1:
+            names = ", ".join(f"{k}/{i.metadata.name}" for k, i in matches)
+            raise ProviderError(f"[local.{name}]: Service {name} selects pods of several workloads ({names}); "
+                                f'set local.{name}.workload = "<kind>/<name>" to pick one')
+        return matches[0][1] if matches else None
+
+    async def _candidate_env(self, svc, workload):
+        from .env import pick_container, resolve_env
+
+        template = workload.spec.template
+        target_ports = [p.target_port for p in svc.spec.ports or []]
+        container = pick_container(template.spec, target_ports)
+        pod_name = f"{workload.metadata.name}-velo-local"
+        return await asyncio.to_thread(resolve_env, self.conn.core, self.namespace, template, container, pod_name=pod_name)
+
+    def _reverses(self, name: str, svc, local, workload) -> list[Reverse]:
+        container_ports = {}
+        if workload is not None:
+            for container in workload.spec.template.spec.containers:
+                for port in container.ports or []:
+                    if port.name:
+                        container_ports[port.name] = port.container_port
+        ports = [p for p in svc.spec.ports or [] if (p.protocol or "TCP") == "TCP"]
+        reverses = []
+        for port in ports:
+            target = port.target_port if port.target_port is not None else port.port
+            if isinstance(target, str) and not target.isdigit():
+                if target not in container_ports:
+                    raise ProviderError(f"Service {name} port {port.name or port.port}: targetPort {target!r} "
+                                        "is not a named port of its workload's containers")
+                target = container_ports[target]
+            key = port.name or str(port.port)
+            if local.ports is not None:
+                local_port = local.ports.get(key) or local.ports.get(str(port.port))
+                if local_port is None:
+                    log.warning("Service %s port %s has no entry in local.%s.ports; not intercepted", name, key, name)
+                    continue
+            else:
+                local_port = local.port
+            reverses.append(Reverse(name, port.name if len(ports) > 1 else "", int(target), local.host, local_port))
+        return reverses
+
+    async def watch(self) -> AsyncIterator[Inventory]:
+        """Services that appear, change or go: a real watch, not a poll."""
+        loop = asyncio.get_running_loop()
+        changed = asyncio.Event()
+
+        def run() -> None:
+            resource_version = None
+            while not self._stopping.is_set():
+                self._watch = watch.Watch()
+                try:
+                    for event in self._watch.stream(self.conn.core.list_namespaced_service, self.namespace,
+                                                    resource_version=resource_version, timeout_seconds=60):
+                        resource_version = event["object"].metadata.resource_version
+                        loop.call_soon_threadsafe(changed.set)
+                except ApiException as exc:
+                    if exc.status == 410:
+                        resource_version = None
+                        continue
+                    self._stopping.wait(1)
+                except Exception:  # network trouble: retry after a pause
+                    if self._stopping.wait(1):
+                        return
+
+        thread = threading.Thread(target=run, name="velo-watch-services", daemon=True)
+        thread.start()
+        last = None
+        while True:
+            await changed.wait()
+            await asyncio.sleep(0.2)  # coalesce a burst of events
+            changed.clear()
+            inventory = await self.inventory()
+            if inventory != last:
+                last = inventory
+                yield inventory
+
+    # ---- the in-cluster side -------------------------------------------------------
+
+    async def endpoints(self) -> list[Endpoint]:
+        tunnel = self.config.tunnel
+        if not tunnel.url:
+            raise ProviderError("[tunnel] url is needed to reach the traffic-proxy (an Ingress or LoadBalancer "
+                                f"to its port {TUNNEL_PORT})")
+        return [Endpoint(name, tunnel.url, self.token) for name in [tunnel.backend, *tunnel.fallback]]
+
+    async def start(self, say) -> None:
+        """Create the traffic-proxy, wait for it, take the lease, swap the selectors."""
+        conn = self.conn
+        repaired = await asyncio.to_thread(self._repair, False, None)
+        for line in repaired:
+            say(f"velo: {line}")
+        inventory = await self.inventory()
+        for name in self.config.local:
+            await asyncio.to_thread(self._check_free, name)
+        await asyncio.to_thread(self._create_objects, inventory)
+        self.started = True
+        await self._wait_ready(say)
+        for name in self.config.local:
+            await asyncio.to_thread(ix.intercept, conn, name, self.session, lambda s: ix.lease_alive(conn, s))
+            self.intercepted.append(name)
+            say(f"velo: Service {name} now sends its traffic to this laptop")
+
+    def _check_free(self, name: str) -> None:
+        svc = self.conn.core.read_namespaced_service(name, self.namespace, _request_timeout=15)
+        holder = (svc.metadata.annotations or {}).get(ix.ANN_SESSION)
+        if holder and holder != self.session and ix.lease_alive(self.conn, holder):
+            ann = svc.metadata.annotations
+            raise ix.InterceptRefused(
+                f"Service {name} is already intercepted by {ann.get(ix.ANN_HOLDER, '?')} (session {holder}) "
+                f"since {ann.get(ix.ANN_SINCE, '?')}; ask them to run `velo down`, or wait until their session lapses")
+
+    def _manifests(self, inventory: Inventory) -> list[dict]:
+        text = resources.files(__package__).joinpath("traffic-proxy.yaml").read_text()
+        rendered = string.Template(text).substitute(
+            session=self.session, namespace=self.namespace, user=ix.user_label(),
+            token=self.token, image=self.config.cluster.proxy_image,
+        )
+        docs = [d for d in yaml.safe_load_all(rendered) if d]
+        target_ports = sorted({r.gateway_port for r in inventory.reverses})
+        tunnel_port = TUNNEL_PORT
+        while tunnel_port in target_ports:
+            tunnel_port += 1
+        self.tunnel_port = tunnel_port
+        for doc in docs:
+            if doc["kind"] == "Deployment":
+                container = doc["spec"]["template"]["spec"]["containers"][0]
+                container["args"] = [
+                    "--listen", f"ws://0.0.0.0:{tunnel_port}/velo", "--token-env", "VELO_TOKEN",
+                    "--allow", f"*.{self.namespace}.svc.cluster.local:*",
+                    "--session", self.session, "--lease-check", "2",
+                ]
+                container["ports"] = [{"name": "tunnel", "containerPort": tunnel_port}] + [
+                    {"containerPort": p} for p in target_ports
+                ]
+                probe = container.get("readinessProbe", {}).get("httpGet")
+                if probe:
+                    probe["port"] = tunnel_port
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": ix.lease_name(self.session), "namespace": self.namespace,
+                         "labels": docs[0]["metadata"]["labels"],
+                         "annotations": {ix.ANN_HOLDER: ix.holder_name()}},
+            "spec": {"holderIdentity": ix.holder_name(),
+                     "leaseDurationSeconds": int(self.config.cluster.lease_seconds),
+                     "acquireTime": _micro_now(), "renewTime": _micro_now()},
+        }
+        return [lease, *docs]
+
+    def _create_objects(self, inventory: Inventory) -> None:
+        from kubernetes import utils
+
+        conn = self.conn
+        docs = self._manifests(inventory)
+        deployment = None
+        for doc in docs:
+            try:
+                created = utils.create_from_dict(conn.api, doc, namespace=self.namespace)
+            except utils.FailToCreateError as exc:
+                raise explain(exc.api_exceptions[0], conn, f"creating {doc['kind']} {doc['metadata']['name']}") from None
+            if doc["kind"] == "Deployment":
+                deployment = created[0]
+        owner = [{"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment.metadata.name,
+                  "uid": deployment.metadata.uid, "blockOwnerDeletion": False}]
+        patchers = {
+            "ServiceAccount": conn.core.patch_namespaced_service_account,
+            "Role": conn.rbac.patch_namespaced_role,
+            "RoleBinding": conn.rbac.patch_namespaced_role_binding,
+            "Secret": conn.core.patch_namespaced_secret,
+            "Lease": conn.coordination.patch_namespaced_lease,
+        }
+        for doc in docs:
+            if doc["kind"] in patchers:  # owned by the Deployment: deleting it removes them all
+                patchers[doc["kind"]](doc["metadata"]["name"], self.namespace,
+                                      {"metadata": {"ownerReferences": owner}}, _request_timeout=15)
+
+    async def _wait_ready(self, say) -> None:
+        timeout = self.config.cluster.ready_timeout
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        selector = f"{ix.LABEL_SESSION}={self.session}"
+        said = -10.0
+        last_reason = "no pod yet"
+        while True:
+            pods = (await call(self.conn, "listing the traffic-proxy pod", self.conn.core.list_namespaced_pod,
+                               self.namespace, label_selector=selector)).items
+            for pod in pods:
+                conditions = {c.type: c.status for c in (pod.status.conditions or [])}
+                if pod.status.phase == "Running" and conditions.get("Ready") == "True" and not pod.metadata.deletion_timestamp:
+                    say(f"velo: traffic-proxy {pod.metadata.name} is ready ({loop.time() - started:.1f}s)")
+                    return
+                last_reason = _pod_reason(pod)
+            elapsed = loop.time() - started
+            if elapsed > timeout:
+                raise ProviderError(f"the traffic-proxy pod was not ready after {timeout:g}s ({last_reason}); "
+                                    f"see `kubectl -n {self.namespace} describe pod -l {selector}`")
+            if elapsed - said >= 5:
+                say(f"velo: waiting for the traffic-proxy pod ({last_reason}, {elapsed:.0f}s)")
+                said = elapsed
+            await asyncio.sleep(0.5)
+
+    async def keepalive(self) -> None:
+        """Renew the lease; if it lapsed anyway (laptop asleep), say so and stop."""
+        if not self.started:
+            return
+        interval = max(1.0, self.config.cluster.lease_seconds / 3)
+        name = ix.lease_name(self.session)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(
+                    self.conn.coordination.patch_namespaced_lease, name, self.namespace,
+                    {"spec": {"renewTime": _micro_now()}}, _request_timeout=10)
+            except ApiException as exc:
+                if exc.status == 404:
+                    raise ProviderError("this session's lease is gone: it lapsed (was the laptop asleep?) and the "
+                                        "cluster restored the Services; run `velo up` again") from None
+                log.warning("renewing the lease failed: %s", exc.reason)
+            except Exception as exc:  # network blip: try again next time, the lease has slack
+                log.warning("renewing the lease failed: %s", exc)
+
+    async def close(self) -> None:
+        self._stopping.set()
+        if self._watch is not None:
+            self._watch.stop()
+        if self.started:
+            restored = await asyncio.to_thread(ix.clean_session, self.conn, self.session)
+            for name in restored:
+                log.info("Service %s restored", name)
+            self.started = False
+
+    # ---- repair ------------------------------------------------------------------
+
+    def _repair(self, everything: bool, user: str | None) -> list[str]:
+        """Clean sessions whose lease lapsed (or, with ``everything``, all of ``user``'s)."""
+        lines = []
+        for session, lease in ix.sessions(self.conn, user).items():
+            if session == self.session:
+                continue
+            if not everything and lease is not None and not ix.lease_expired(lease):
+                continue
+            restored = ix.clean_session(self.conn, session)
+            lines.append(f"cleaned up session {session}" + (f" (restored {', '.join(restored)})" if restored else ""))
+        return lines
+
+    async def repair(self, everything: bool = False) -> list[str]:
+        user = ix.user_label() if everything else None
+        return await asyncio.to_thread(self._repair, everything, user)
+
+
+def _micro_now() -> str:
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _pod_reason(pod) -> str:
+    for status in pod.status.container_statuses or []:
+        waiting = status.state and status.state.waiting
+        if waiting and waiting.reason:
+            return waiting.reason
+    return pod.status.phase or "Pending"
+
+
+class KubernetesProvider(Provider):
+    name = "kubernetes"
+    description = "discovers Services, runs the traffic-proxy and swaps selectors (kubeconfig)"
+
+    async def open(self, config) -> ProviderSession:
+        cluster = config.cluster
+        conn = await asyncio.to_thread(connect, cluster.context, cluster.namespace)
+        try:
+            await asyncio.to_thread(conn.core.read_namespace, conn.namespace, _request_timeout=10)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise ProviderError(f"namespace {conn.namespace} does not exist (context {conn.context}); "
+                                    "set cluster.namespace") from None
+            if exc.status != 403:  # reading namespaces is often not allowed; listing services tells
+                raise explain(exc, conn, f"reading namespace {conn.namespace}") from None
+        except Exception as exc:
+            raise explain(exc, conn, "connecting") from None
+        return KubernetesSession(config, conn)
+
+    def rbac(self, namespace: str) -> str:
+        return rbac_role(namespace)
+
+
+@hookimpl
+def velo_cluster_providers():
+    return [KubernetesProvider()]

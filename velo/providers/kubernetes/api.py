@@ -1,0 +1,141 @@
+"""Talking to the cluster: kubeconfig, and turning API failures into one line.
+
+The `kubernetes` client is synchronous; the provider calls it through
+``asyncio.to_thread``.  It is control plane only (rare calls), never on the data path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import urllib3
+from kubernetes import client, config as kubeconfig
+from kubernetes.client.rest import ApiException
+
+from velo.provider import ProviderError
+
+RBAC_HINT = "`velo rbac` prints a Role that grants what velo needs"
+
+
+@dataclass
+class Connection:
+    api: client.ApiClient
+    namespace: str
+    context: str
+    server: str
+    user: str
+
+    @property
+    def core(self) -> client.CoreV1Api:
+        return client.CoreV1Api(self.api)
+
+    @property
+    def apps(self) -> client.AppsV1Api:
+        return client.AppsV1Api(self.api)
+
+    @property
+    def rbac(self) -> client.RbacAuthorizationV1Api:
+        return client.RbacAuthorizationV1Api(self.api)
+
+    @property
+    def coordination(self) -> client.CoordinationV1Api:
+        return client.CoordinationV1Api(self.api)
+
+
+def in_cluster_connection(namespace: str | None = None) -> Connection:
+    """The traffic-proxy's view: its ServiceAccount, like any pod (VELO_SA_DIR for test runners)."""
+    sa_dir = Path(os.environ.get("VELO_SA_DIR", "/var/run/secrets/kubernetes.io/serviceaccount"))
+    host, port = os.environ.get("KUBERNETES_SERVICE_HOST"), os.environ.get("KUBERNETES_SERVICE_PORT")
+    if not host or not port:
+        raise ProviderError("not running in a cluster: KUBERNETES_SERVICE_HOST/PORT are not set")
+    configuration = client.Configuration()
+    configuration.host = f"https://{host}:{port}"
+    configuration.ssl_ca_cert = str(sa_dir / "ca.crt")
+    token_file = sa_dir / "token"
+
+    def refresh(conf) -> None:  # bound tokens rotate: read the file on every request
+        conf.api_key["authorization"] = "Bearer " + token_file.read_text().strip()
+
+    configuration.refresh_api_key_hook = refresh
+    refresh(configuration)
+    ns = namespace or (sa_dir / "namespace").read_text().strip()
+    return Connection(client.ApiClient(configuration), ns, "in-cluster", configuration.host, "serviceaccount")
+
+
+def connect(context: str = "", namespace: str = "") -> Connection:
+    """kubeconfig from KUBECONFIG or ~/.kube/config; context and namespace from the
+    arguments or the kubeconfig's current context."""
+    try:
+        contexts, current = kubeconfig.list_kube_config_contexts()
+    except kubeconfig.ConfigException as exc:
+        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        raise ProviderError(f"no usable kubeconfig ({where}): {exc}; set KUBECONFIG or cluster.context") from None
+    except FileNotFoundError:
+        raise ProviderError("no kubeconfig found (KUBECONFIG is unset and ~/.kube/config does not exist)") from None
+    names = [c["name"] for c in contexts]
+    chosen = next((c for c in contexts if c["name"] == context), None) if context else current
+    if chosen is None:
+        raise ProviderError(f'cluster.context: no context "{context}" in the kubeconfig; available: {", ".join(names)}')
+    configuration = client.Configuration()
+    try:
+        kubeconfig.load_kube_config(context=chosen["name"], client_configuration=configuration)
+    except kubeconfig.ConfigException as exc:
+        raise ProviderError(f'kubeconfig context "{chosen["name"]}": {exc}') from None
+    configuration.retries = False
+    ns = namespace or chosen["context"].get("namespace") or "default"
+    user = chosen["context"].get("user", "?")
+    return Connection(client.ApiClient(configuration), ns, chosen["name"], configuration.host, user)
+
+
+def explain(exc: Exception, conn: Connection, doing: str) -> ProviderError:
+    """One line for the user: what failed, where, and what to do."""
+    if isinstance(exc, ApiException):
+        message = _api_message(exc)
+        if exc.status == 401:
+            return ProviderError(f"{conn.server}: credentials rejected (context {conn.context}); log in again or fix the kubeconfig")
+        if exc.status == 403:
+            return ProviderError(f"permission denied while {doing}: {message}; {RBAC_HINT}")
+        if exc.status == 404:
+            return ProviderError(f"{doing}: {message}")
+        return ProviderError(f"{doing}: HTTP {exc.status}: {message}")
+    if isinstance(exc, (urllib3.exceptions.HTTPError, OSError)):
+        return ProviderError(f"cluster unreachable at {conn.server} (context {conn.context}): {_reason(exc)}")
+    return ProviderError(f"{doing}: {exc}")
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body).get("message") or exc.reason
+    except (TypeError, ValueError):
+        return str(exc.reason)
+
+
+def _reason(exc: Exception) -> str:
+    reason = getattr(exc, "reason", None)
+    text = str(reason or exc)
+    if "Connection refused" in text:
+        return "connection refused"
+    if "timed out" in text.lower():
+        return "timed out"
+    return text.split(": ", 1)[-1][:200]
+
+
+async def call(conn: Connection, doing: str, fn, *args, **kwargs):
+    """Run a blocking client call off the event loop; translate its failure."""
+    try:
+        return await asyncio.to_thread(fn, *args, _request_timeout=15, **kwargs)
+    except ProviderError:
+        raise
+    except Exception as exc:
+        raise explain(exc, conn, doing) from None
+
+
+def call_sync(conn: Connection, doing: str, fn, *args, **kwargs):
+    try:
+        return fn(*args, _request_timeout=15, **kwargs)
+    except Exception as exc:
+        raise explain(exc, conn, doing) from None
