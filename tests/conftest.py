@@ -4,6 +4,8 @@ import pytest
 
 from tests.helpers import TOKEN, Procs
 
+pytest_plugins = ["tests.cluster.conftest_plugin"]
+
 
 @pytest.fixture
 def procs(tmp_path):

@@ -9,7 +9,8 @@
 # A marker file (.velo-complete) is written last; when present the script exits at once.
 # The build happens in a sibling temp dir that is renamed into place, so an interrupted build
 # never looks complete. Concurrent invocations serialise on a lock file.
-# Needs: go >= 1.26 (k8s 1.36 staging modules declare go 1.26.0), python3. Cold: ~25 min on 2 cores.
+# Needs: go >= 1.26 (k8s 1.36 staging modules declare go 1.26.0), python3.
+# Cold (empty Go caches): 10m40s on 2 cores, ~4.8 GB Go caches, 405 MB output. Warm no-op: ~10 ms.
 set -euo pipefail
 
 K8S_VERSION=${K8S_VERSION:-v1.36.3}    # k8s.io/kubernetes tag; staging modules use v0.X.Y
@@ -42,6 +43,9 @@ if command -v flock >/dev/null; then
   flock -n 9 || { log "another build of $K8S_VERSION is running; waiting for it..."; flock 9; }
 fi
 if complete; then echo "$OUT"; exit 0; fi
+
+# leftovers of builds that were killed hard (we hold the lock, so none of them is running)
+rm -rf "$CACHE"/.build-"$K8S_VERSION".* "$CACHE"/.old-"$K8S_VERSION".*
 
 START=$(date +%s)
 STAGE=$(mktemp -d "$CACHE/.build-$K8S_VERSION.XXXXXX")   # same filesystem as $OUT -> atomic mv
@@ -141,7 +145,7 @@ for p in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
   LDF="$LDF -X $p.gitVersion=$K8S_VERSION -X $p.gitMajor=1 -X $p.gitMinor=$MINOR -X $p.gitTreeState=clean"
 done
 for c in $CMDS; do
-  log "building $c $K8S_VERSION (cold build takes ~25 min for all four)..."
+  log "building $c $K8S_VERSION (a cold build of everything takes ~10-25 min)..."
   go_build -trimpath -ldflags "$LDF" -o "$STAGE/$c" "k8s.io/kubernetes/cmd/$c"
 done
 

@@ -35,7 +35,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -538,7 +537,9 @@ class Cluster:
         write_kubeconfig(Path(self.kubeconfig), server, self.pki)
         p = self.pki
 
-        # 1. etcd
+        # 1. etcd, always from an empty data dir: objects left by an earlier run in the same
+        # folder (a Node advertising that run's kwok port, say) would break this one.
+        shutil.rmtree(self.state_dir / "etcd", ignore_errors=True)
         self._spawn("etcd", [
             str(b / "etcd"), "--name=node0", f"--data-dir={self.state_dir / 'etcd'}",
             f"--listen-client-urls=http://127.0.0.1:{etcd_port}",
@@ -653,7 +654,7 @@ class Cluster:
             return st == 200 and any(x["type"] == "Established" and x["status"] == "True"
                                      for x in (c.get("status") or {}).get("conditions") or [])
         for name in ("portforwards.kwok.x-k8s.io", "clusterportforwards.kwok.x-k8s.io"):
-            self._wait("kube-apiserver", lambda: established(name), 60, f"CRD {name} Established")
+            self._wait("kube-apiserver", lambda name=name: established(name), 60, f"CRD {name} Established")
 
     # ---- stop / status ----------------------------------------------------------------------
     def stop(self, quiet: bool = False) -> None:

@@ -493,14 +493,13 @@ class PodRunner:
         pod_dir.mkdir(parents=True, exist_ok=True)
 
         # ports: containerPort -> local port (+ relay from the host into the netns)
+        netns = self.netns
         for cp in container.ports or []:
             if (cp.protocol or "TCP") != "TCP":
                 continue
             port, listener = self._alloc_port()
             rec.port_map[str(cp.container_port)] = port
             if listener is not None:
-                netns = self.netns
-
                 def dial(port: int = port) -> socket.socket:
                     s = netns_socket(netns)
                     try:

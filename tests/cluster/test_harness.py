@@ -107,10 +107,11 @@ def deployment(name: str, labels: dict[str, str], replicas: int = 1, command: li
                         ports=[client.V1ContainerPort(container_port=p) for p in ports or []])]))))
 
 
-def standin(name: str, replicas: int = 1, extra_env: list[client.V1EnvVar] | None = None) -> client.V1Deployment:
+def standin(name: str, replicas: int = 1, extra_env: list[client.V1EnvVar] | None = None,
+            labels: dict[str, str] | None = None) -> client.V1Deployment:
     env = [client.V1EnvVar(name="POD_NAME", value_from=client.V1EnvVarSource(
         field_ref=client.V1ObjectFieldSelector(field_path="metadata.name")))] + (extra_env or [])
-    return deployment(name, TRAFFIC_PROXY_LABELS, replicas, command=["python3", "-c", STANDIN],
+    return deployment(name, labels or TRAFFIC_PROXY_LABELS, replicas, command=["python3", "-c", STANDIN],
                       ports=[8080], env=env)
 
 
@@ -316,7 +317,8 @@ def test_rbac_role_does_not_reach_other_namespace(cluster, namespace):
 
 
 def test_pod_delete_kills_process_and_replacement_starts(cluster, namespace):
-    cluster.apps.create_namespaced_deployment(namespace, standin("crashy"))
+    # (the runner also accepts the label key velo.dev/traffic-proxy)
+    cluster.apps.create_namespaced_deployment(namespace, standin("crashy", labels={"velo.dev/traffic-proxy": "true"}))
     first = until(lambda: running_pods(cluster, namespace, "crashy", 1), "crashy pod Running")[0].metadata.name
     rec = cluster.wait_pod_process(namespace, first)
     # 1. a crash: the runner does not restart the process
@@ -351,7 +353,7 @@ def test_in_cluster_services_only_reachable_from_runner_processes(cluster, names
         # a runner process: all three DNS forms answer (hosts file may lag the Service by a moment)
         with PortForward(cluster, namespace, proxy["name"], 8080) as pf:
             for host in ("echo-http", f"echo-http.{namespace}", f"echo-http.{namespace}.svc.cluster.local"):
-                got = until(lambda: http_get(pf.local_port, f"/fetch?url=http://{host}/hello"), f"fetch {host}", 30)
+                got = until(lambda host=host: http_get(pf.local_port, f"/fetch?url=http://{host}/hello"), f"fetch {host}", 30)
                 assert got["status"] == 200, got
                 assert json.loads(got["body"])["service"] == f"{namespace}/echo-http"
             echo = http_get(pf.local_port, f"/tcp?host=echo-tcp.{namespace}.svc.cluster.local&port=7000&data=ping")

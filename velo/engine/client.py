@@ -147,9 +147,10 @@ class TunnelClient:
                 await backend.connect(endpoint.url, endpoint.token, lambda: tunnel, timeout=self.connect_timeout)
                 await asyncio.wait_for(asyncio.shield(tunnel.connected), self.connect_timeout)
             except TunnelError as exc:
+                if exc.reason != self.last_error:  # say it once per streak, `velo status` has the rest
+                    log.warning("tunnel via %s failed: %s (retrying)", endpoint.backend, exc.reason)
                 self.last_error = exc.reason
                 self.state = "unauthorized" if exc.auth else ("reconnecting" if self.connects else "connecting")
-                log.info("tunnel via %s failed: %s", endpoint.backend, exc.reason)
                 continue
             except (ConnectionError, TimeoutError, asyncio.TimeoutError, OSError) as exc:
                 self.last_error = f"{endpoint.url}: {exc or type(exc).__name__}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import json
 import logging
 import secrets
 import string
@@ -70,6 +71,7 @@ class KubernetesSession(ProviderSession):
         self.started = False
         self.intercepted: list[str] = []
         self.warnings: list[str] = []
+        self._warned: set[str] = set()  # warn once per Service, not on every re-discovery
         self._watch: watch.Watch | None = None
         self._stopping = threading.Event()
 
@@ -88,9 +90,8 @@ class KubernetesSession(ProviderSession):
         services = await self._services()
         by_name = {s.metadata.name: s for s in services}
         inventory_services = []
-        warned = set()
         for svc in services:
-            ports = self._service_ports(svc, warned)
+            ports = self._service_ports(svc, self._warned)
             if ports:
                 inventory_services.append(Service(svc.metadata.name, tuple(ports)))
         reverses: list[Reverse] = []
@@ -144,7 +145,7 @@ class KubernetesSession(ProviderSession):
                 if exc.status == 404:
                     raise ProviderError(f"local.{name}.workload: no {kind} {wname} in namespace {self.namespace}") from None
                 raise explain(exc, self.conn, f"reading {explicit}") from None
-        selector = svc.spec.selector or {}
+        selector = original_selector(svc)
         if not selector:
             return None
         matches = []
@@ -383,9 +384,7 @@ class KubernetesSession(ProviderSession):
         if self._watch is not None:
             self._watch.stop()
         if self.started:
-            restored = await asyncio.to_thread(ix.clean_session, self.conn, self.session)
-            for name in restored:
-                log.info("Service %s restored", name)
+            await asyncio.to_thread(ix.clean_session, self.conn, self.session)
             self.started = False
 
     # ---- repair ------------------------------------------------------------------
@@ -405,6 +404,17 @@ class KubernetesSession(ProviderSession):
     async def repair(self, everything: bool = False) -> list[str]:
         user = ix.user_label() if everything else None
         return await asyncio.to_thread(self._repair, everything, user)
+
+
+def original_selector(svc) -> dict:
+    """The selector the Service had before velo pointed it at a traffic-proxy."""
+    annotations = svc.metadata.annotations or {}
+    if ix.ANN_ORIGINAL in annotations:
+        try:
+            return json.loads(annotations[ix.ANN_ORIGINAL]) or {}
+        except ValueError:
+            pass
+    return svc.spec.selector or {}
 
 
 def _micro_now() -> str:

@@ -176,9 +176,10 @@ def resolve_env(core: client.CoreV1Api, namespace: str, pod_template: client.V1P
     ``service_env``: Kubernetes also resolves ``$(VAR)`` against the service-link
     variables (after the container's own); velo computes those itself (pointing at its
     local listeners), so they are only a lookup fallback here, never part of the result.
-    ``strict_env_names``: reproduce kubelets older than 1.32 (or 1.30/1.31 defaults),
-    which skip envFrom keys that are not C-identifier-like (``[-._a-zA-Z][-._a-zA-Z0-9]*``);
-    v1.34+ kubelets pass every key on (ConfigMap/Secret keys are always printable ASCII).
+    ``strict_env_names``: reproduce kubelets without RelaxedEnvironmentVariableValidation
+    (off by default before 1.32), which skip envFrom keys that are not C-identifier-like
+    (``[-._a-zA-Z][-._a-zA-Z0-9]*``) with a warning event; v1.34+ kubelets pass every key
+    on (ConfigMap/Secret keys are always printable ASCII, so none is ever skipped).
     Each ConfigMap/Secret is read once.  403 -> `EnvError`; other API errors propagate.
     """
     return _Resolver(core, namespace, pod_template, container, pod_name, node_name, pod_ip,

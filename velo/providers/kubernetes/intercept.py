@@ -150,7 +150,7 @@ def restore(conn: Connection, name: str, session: str) -> bool:
         ops += [{"op": "remove", "path": f"/metadata/annotations/{_pointer(k)}"} for k in OUR_ANNOTATIONS if k in annotations]
         try:
             _patch(conn, name, ops, f"restoring Service {name}")
-            log.info("Service %s: selector restored", name)
+            log.info("Service %s: original selector restored", name)
             return True
         except ProviderError as exc:
             if not _is_conflict(exc):

@@ -1,0 +1,81 @@
+"""A stand-in for an Ingress in front of velo's traffic-proxy.
+
+Until the port-forward backend exists, `[tunnel] url` is how velo reaches the
+traffic-proxy (an Ingress or LoadBalancer in a real cluster).  This relay listens on
+a fixed local port and sends each connection to the tunnel port of whichever
+traffic-proxy pod of the namespace is running now, the way an Ingress follows a
+Service's endpoints: across pod restarts, with no velo code involved.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+from velo.providers.kubernetes.intercept import COMPONENT, LABEL_COMPONENT
+
+TUNNEL_PORT = "7070"
+
+
+class Ingress:
+    def __init__(self, cluster, namespace: str):
+        self.cluster = cluster
+        self.namespace = namespace
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.url = f"ws://127.0.0.1:{self.port}/velo"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _backend(self) -> int | None:
+        pods = self.cluster.core.list_namespaced_pod(
+            self.namespace, label_selector=f"{LABEL_COMPONENT}={COMPONENT}").items
+        for pod in pods:
+            if pod.metadata.deletion_timestamp or pod.status.phase != "Running":
+                continue
+            record = self.cluster.pod_process(self.namespace, pod.metadata.name)
+            if record and record.get("state") == "running" and TUNNEL_PORT in record.get("port_map", {}):
+                return int(record["port_map"][TUNNEL_PORT])
+        return None
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            port = self._backend()
+            upstream = socket.create_connection(("127.0.0.1", port), timeout=5) if port else None
+        except OSError:
+            upstream = None
+        if upstream is None:  # like an Ingress with no ready endpoints
+            client.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            client.close()
+            return
+        upstream.settimeout(None)
+
+        def pump(src: socket.socket, dst: socket.socket) -> None:
+            try:
+                while data := src.recv(65536):
+                    dst.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for sock in (src, dst):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+
+        threading.Thread(target=pump, args=(upstream, client), daemon=True).start()
+        pump(client, upstream)
+        client.close()
+        upstream.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self.server.close()

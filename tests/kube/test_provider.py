@@ -1,0 +1,331 @@
+"""`velo up` against the real local control plane: discovery, env, forward, reverse,
+restore (also after kill -9), concurrent edits, a second session, RBAC and errors.
+
+Everything in-cluster lives in the harness's network namespace: the test process
+cannot reach `backend` or `cache` itself, so a passing forward test proves the bytes
+went through velo's tunnel and traffic-proxy.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from kubernetes import client
+from kubernetes.stream import portforward
+
+from tests.helpers import wait_for
+from tests.kube.ingress import Ingress
+from velo.providers.kubernetes import intercept as ix
+
+pytestmark = pytest.mark.cluster
+
+
+def velo(*args, cwd, kubeconfig, timeout=60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "velo", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env={**os.environ, "KUBECONFIG": str(kubeconfig)})
+
+
+def kube_config(path, namespace: str, url: str, *, candidate_port: int | None = None, lease: int = 30,
+                extra: str = "", exclude: str = '"dns"'):
+    text = f"""
+[project]
+name = "shop"
+
+[cluster]
+provider = "kubernetes"
+namespace = "{namespace}"
+lease_seconds = {lease}
+ready_timeout = 60
+
+[tunnel]
+url = "{url}"
+reconnect_max_delay = 0.5
+keepalive_interval = 1.0
+keepalive_timeout = 3.0
+
+[remote]
+exclude = [{exclude}]
+"""
+    if candidate_port:
+        text += f"\n[local.website]\nport = {candidate_port}\n"
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "velocity.toml").write_text(text + extra)
+    return path / "velocity.toml"
+
+
+@pytest.fixture(scope="module")
+def shop(cluster, namespace):
+    """A namespace shaped like a small application."""
+    cluster.require_netns()
+    core, apps = cluster.core, cluster.apps
+    cluster.start_in_cluster_service("backend", namespace, kind="http", port=80)
+    cluster.start_in_cluster_service("cache", namespace, kind="tcp-echo", port=6379)
+    V1 = client
+    core.create_namespaced_service(namespace, V1.V1Service(
+        metadata=V1.V1ObjectMeta(name="api"),
+        spec=V1.V1ServiceSpec(selector={"app": "api"}, ports=[
+            V1.V1ServicePort(name="http", port=80, target_port="web"),
+            V1.V1ServicePort(name="grpc", port=9090, target_port=9090)])))
+    core.create_namespaced_service(namespace, V1.V1Service(
+        metadata=V1.V1ObjectMeta(name="dns"),
+        spec=V1.V1ServiceSpec(selector={"app": "dns"}, ports=[V1.V1ServicePort(name="dns", port=53, protocol="UDP")])))
+    core.create_namespaced_service(namespace, V1.V1Service(
+        metadata=V1.V1ObjectMeta(name="db"),
+        spec=V1.V1ServiceSpec(cluster_ip="None", selector={"app": "db"}, ports=[V1.V1ServicePort(port=5432, target_port=5432)])))
+    core.create_namespaced_service(namespace, V1.V1Service(
+        metadata=V1.V1ObjectMeta(name="ext"),
+        spec=V1.V1ServiceSpec(type="ExternalName", external_name="example.org", ports=[V1.V1ServicePort(port=443)])))
+    core.create_namespaced_config_map(namespace, V1.V1ConfigMap(
+        metadata=V1.V1ObjectMeta(name="website-config"), data={"FEATURE": "on", "GREETING": "hi"}))
+    core.create_namespaced_secret(namespace, V1.V1Secret(
+        metadata=V1.V1ObjectMeta(name="website-secret"),
+        data={"password": base64.b64encode(b"s3cret").decode()}))
+    apps.create_namespaced_deployment(namespace, V1.V1Deployment(
+        metadata=V1.V1ObjectMeta(name="website"),
+        spec=V1.V1DeploymentSpec(
+            replicas=1, selector=V1.V1LabelSelector(match_labels={"app": "website"}),
+            template=V1.V1PodTemplateSpec(
+                metadata=V1.V1ObjectMeta(labels={"app": "website", "tier": "web"}),
+                spec=V1.V1PodSpec(containers=[V1.V1Container(
+                    name="web", image="website:dev", ports=[V1.V1ContainerPort(name="http", container_port=8080)],
+                    env_from=[V1.V1EnvFromSource(config_map_ref=V1.V1ConfigMapEnvSource(name="website-config"), prefix="CFG_")],
+                    env=[
+                        V1.V1EnvVar(name="MODE", value="cluster"),
+                        V1.V1EnvVar(name="DB_PASSWORD", value_from=V1.V1EnvVarSource(
+                            secret_key_ref=V1.V1SecretKeySelector(name="website-secret", key="password"))),
+                        V1.V1EnvVar(name="MY_NAMESPACE", value_from=V1.V1EnvVarSource(
+                            field_ref=V1.V1ObjectFieldSelector(field_path="metadata.namespace"))),
+                    ])])))))
+    core.create_namespaced_service(namespace, V1.V1Service(
+        metadata=V1.V1ObjectMeta(name="website", labels={"app": "website"}),
+        spec=V1.V1ServiceSpec(selector={"app": "website"}, ports=[V1.V1ServicePort(name="http", port=80, target_port="http")])))
+    wait_for(lambda: _endpoint_pods(cluster, namespace, "website"), 60, "website's EndpointSlice to list its pod")
+    ingress = Ingress(cluster, namespace)
+    yield ingress
+    ingress.close()
+
+
+def _endpoint_pods(cluster, namespace: str, service: str) -> set[str]:
+    slices = client.DiscoveryV1Api(cluster.core.api_client).list_namespaced_endpoint_slice(
+        namespace, label_selector=f"kubernetes.io/service-name={service}").items
+    return {e.target_ref.name for s in slices for e in (s.endpoints or []) if e.target_ref}
+
+
+def _http_get(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
+def _via_pod(cluster, namespace: str, pod: str, port: int, payload: bytes) -> bytes:
+    """Connect to a pod's port the way the cluster would: through the apiserver's port-forward."""
+    try:
+        forward = portforward(cluster.core.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port))
+    except client.ApiException as exc:
+        raise AssertionError(f"port-forward to {pod}:{port}: {exc.status} {exc.reason} {exc.body}") from None
+    sock = forward.socket(port)
+    sock.settimeout(10)
+    sock.sendall(payload)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+            if b"\r\n\r\n" in data and data.endswith(b"laptop"):
+                break
+    except (TimeoutError, socket.timeout):
+        pass
+    sock.close()
+    forward.close()
+    return data
+
+
+def _service(cluster, namespace: str, name: str = "website"):
+    return cluster.core.read_namespaced_service(name, namespace)
+
+
+def _comparable(svc) -> dict:
+    data = client.ApiClient().sanitize_for_serialization(svc)
+    for key in ("resourceVersion", "managedFields"):
+        data["metadata"].pop(key, None)
+    return data
+
+
+def test_discovery_and_env_without_touching_the_cluster(cluster, namespace, shop, tmp_path):
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=18080)
+    check = velo("config", "check", cwd=config.parent, kubeconfig=cluster.kubeconfig)
+    assert check.returncode == 0, check.stderr
+    out = check.stdout
+    for forward in ("backend ", "cache ", "api/http ", "api/grpc ", "db ", "ext "):
+        assert f"forward {forward}" in out, out
+    assert f"-> backend.{namespace}.svc.cluster.local:80" in out
+    assert "-> example.org:443" in out
+    assert "forward website" not in out and "forward dns" not in out
+    assert "reverse website " in out and "gateway :8080" in out  # targetPort "http" resolved to 8080
+    env = json.loads(velo("env", "--format", "json", cwd=config.parent, kubeconfig=cluster.kubeconfig).stdout)
+    assert env["MODE"] == "cluster" and env["CFG_FEATURE"] == "on" and env["MY_NAMESPACE"] == namespace
+    assert env["DB_PASSWORD"] == "********", "secrets are masked unless asked"
+    revealed = json.loads(velo("env", "--format", "json", "--reveal", cwd=config.parent, kubeconfig=cluster.kubeconfig).stdout)
+    assert revealed["DB_PASSWORD"] == "s3cret"
+    assert env["BACKEND_SERVICE_HOST"] == "127.0.0.1"
+    assert env["BACKEND_PORT_80_TCP_ADDR"] == "127.0.0.1"
+    assert env["API_SERVICE_PORT_GRPC"] == env["API_PORT_9090_TCP_PORT"]
+    assert not cluster.apps.list_namespaced_deployment(namespace, label_selector="app.kubernetes.io/managed-by=velo").items
+
+
+def test_up_forwards_intercepts_and_down_restores(cluster, namespace, shop, procs, tmp_path):
+    original = _comparable(_service(cluster, namespace))
+    original_pods = _endpoint_pods(cluster, namespace, "website")
+    laptop = procs.server("http", text="hello from the laptop")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+
+    # Forward: through the tunnel to services the test process cannot reach itself.
+    body = _http_get(up.port("backend"))
+    assert body.startswith(b"HTTP/1.0 200") and f"{namespace}/backend".encode() in body
+    with socket.create_connection(("127.0.0.1", up.port("cache")), timeout=10) as sock:
+        sock.sendall(b"ping-through-velo")
+        assert sock.recv(100) == b"ping-through-velo"
+    env = up.env()
+    assert env["BACKEND_SERVICE_PORT"] == str(up.port("backend"))
+    assert oct(os.stat(config.parent / ".env").st_mode & 0o777) == "0o600"
+
+    # Reverse: the Service now selects the traffic-proxy, and the cluster's path reaches the laptop.
+    svc = _service(cluster, namespace)
+    assert svc.spec.selector[ix.LABEL_COMPONENT] == ix.COMPONENT
+    assert json.loads(svc.metadata.annotations[ix.ANN_ORIGINAL]) == {"app": "website"}
+    session = svc.metadata.annotations[ix.ANN_SESSION]
+    proxy_pod = wait_for(lambda: next(iter(_endpoint_pods(cluster, namespace, "website") - original_pods), None),
+                         30, "website's EndpointSlice to point at the traffic-proxy")
+    assert "velo-proxy" in proxy_pod
+    answer = wait_for(lambda: _via_pod(cluster, namespace, proxy_pod, 8080,
+                                       b"GET / HTTP/1.1\r\nHost: website\r\nConnection: close\r\n\r\n"),
+                      15, "a request through the traffic-proxy pod")
+    assert answer.endswith(b"hello from the laptop")
+
+    result = velo("down", cwd=config.parent, kubeconfig=cluster.kubeconfig, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert up.proc.wait(30) == 0
+    assert _comparable(_service(cluster, namespace)) == original
+    wait_for(lambda: _endpoint_pods(cluster, namespace, "website") == original_pods, 30, "EndpointSlice back on the original pods")
+    selector = f"{ix.LABEL_SESSION}={session}"
+    wait_for(lambda: not cluster.apps.list_namespaced_deployment(namespace, label_selector=selector).items
+             and not cluster.core.list_namespaced_secret(namespace, label_selector=selector).items
+             and not cluster.rbac.list_namespaced_role(namespace, label_selector=selector).items, 30,
+             "the session's objects to be gone")
+
+
+def test_kill_9_is_repaired_by_the_cluster_within_the_lease(cluster, namespace, shop, procs, tmp_path):
+    laptop = procs.server("http", text="laptop")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=5)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    assert _service(cluster, namespace).spec.selector.get(ix.LABEL_COMPONENT) == ix.COMPONENT
+    up.proc.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: _service(cluster, namespace).spec.selector == {"app": "website"}, 5 + 10,
+             "the traffic-proxy to restore the selector after the lease lapsed")
+    elapsed = time.monotonic() - killed
+    assert ix.ANN_SESSION not in (_service(cluster, namespace).metadata.annotations or {})
+    wait_for(lambda: not cluster.apps.list_namespaced_deployment(
+        namespace, label_selector="app.kubernetes.io/managed-by=velo").items, 30, "the session's Deployment to be gone")
+    print(f"selector restored {elapsed:.1f}s after kill -9 (lease 5s)")
+
+
+def test_concurrent_edit_survives_restore(cluster, namespace, shop, procs, tmp_path):
+    laptop = procs.server("http", text="laptop")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    cluster.core.patch_namespaced_service("website", namespace, {
+        "metadata": {"labels": {"team": "checkout"}, "annotations": {"note": "edited during intercept"}}})
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    svc = _service(cluster, namespace)
+    assert svc.spec.selector == {"app": "website"}
+    assert svc.metadata.labels["team"] == "checkout"
+    assert svc.metadata.annotations["note"] == "edited during intercept"
+    assert not any(k.startswith("velo.dev/") for k in svc.metadata.annotations)
+    cluster.core.patch_namespaced_service("website", namespace, [
+        {"op": "remove", "path": "/metadata/labels/team"}, {"op": "remove", "path": "/metadata/annotations/note"}])
+
+
+def test_second_session_is_refused_with_the_holders_name(cluster, namespace, shop, procs, tmp_path):
+    laptop = procs.server("http", text="laptop")
+    first = kube_config(tmp_path / "first", namespace, shop.url, candidate_port=laptop)
+    up = procs.up(first, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    # The second developer's laptop; on this one machine it must not bind the first one's ports.
+    second = kube_config(tmp_path / "second", namespace, shop.url, candidate_port=laptop, exclude='"*"')
+    result = velo("up", cwd=second.parent, kubeconfig=cluster.kubeconfig, timeout=90)
+    assert result.returncode == 2
+    assert "Service website is already intercepted by" in result.stderr and "since" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _service(cluster, namespace).spec.selector.get(ix.LABEL_COMPONENT) == ix.COMPONENT, "the first holder keeps it"
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+
+
+def test_services_appearing_while_up_runs_get_listeners(cluster, namespace, shop, procs, tmp_path):
+    config = kube_config(tmp_path / "p", namespace, shop.url)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    cluster.start_in_cluster_service("late", namespace, kind="http", port=80)
+    try:
+        port = wait_for(lambda: up.port("late"), 15, "a listener for the new Service")
+        assert b"late" in _http_get(port)
+    finally:
+        cluster.stop_in_cluster_service("late", namespace)
+    wait_for(lambda: "late" not in {f["name"] for f in up.status()["forwards"]}, 15, "the listener to go with the Service")
+
+
+def test_missing_permission_names_verb_and_resource(cluster, namespace, shop, tmp_path):
+    cluster.core.create_namespaced_service_account(namespace, client.V1ServiceAccount(metadata=client.V1ObjectMeta(name="nobody")))
+    token = cluster.core.create_namespaced_service_account_token(
+        "nobody", namespace, client.AuthenticationV1TokenRequest(spec=client.V1TokenRequestSpec(audiences=[]))).status.token
+    kubeconfig = tmp_path / "kubeconfig"
+    server = cluster.core.api_client.configuration.host
+    ca = cluster.core.api_client.configuration.ssl_ca_cert
+    kubeconfig.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "nobody",
+        "clusters": [{"name": "c", "cluster": {"server": server, "certificate-authority": ca}}],
+        "users": [{"name": "nobody", "user": {"token": token}}],
+        "contexts": [{"name": "nobody", "context": {"cluster": "c", "user": "nobody", "namespace": namespace}}]}))
+    config = kube_config(tmp_path / "p", namespace, shop.url)
+    result = velo("env", cwd=config.parent, kubeconfig=kubeconfig)
+    assert result.returncode == 2
+    assert "permission denied" in result.stderr and 'cannot list resource "services"' in result.stderr
+    assert "velo rbac" in result.stderr and "Traceback" not in result.stderr
+    rbac = velo("rbac", cwd=config.parent, kubeconfig=kubeconfig)
+    assert rbac.returncode == 0 and "kind: Role" in rbac.stdout and f"namespace: {namespace}" in rbac.stdout
+
+
+def test_connection_errors_are_one_clear_line(cluster, namespace, shop, tmp_path):
+    config = kube_config(tmp_path / "p", namespace, shop.url)
+    missing = velo("env", cwd=config.parent, kubeconfig=tmp_path / "nope")
+    assert missing.returncode == 2 and "kubeconfig" in missing.stderr and "Traceback" not in missing.stderr
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    dead_port = closed.getsockname()[1]
+    closed.close()
+    dead = tmp_path / "dead-kubeconfig"
+    dead.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "dead",
+        "clusters": [{"name": "c", "cluster": {"server": f"https://127.0.0.1:{dead_port}", "insecure-skip-tls-verify": True}}],
+        "users": [{"name": "u", "user": {"token": "x"}}],
+        "contexts": [{"name": "dead", "context": {"cluster": "c", "user": "u"}}]}))
+    unreachable = velo("env", cwd=config.parent, kubeconfig=dead)
+    assert unreachable.returncode == 2
+    assert f"cluster unreachable at https://127.0.0.1:{dead_port}" in unreachable.stderr
+    no_ns = kube_config(tmp_path / "q", "no-such-namespace", shop.url)
+    result = velo("env", cwd=no_ns.parent, kubeconfig=cluster.kubeconfig)
+    assert result.returncode == 2 and "namespace no-such-namespace does not exist" in result.stderr
+    typo = kube_config(tmp_path / "r", namespace, shop.url, extra="\n[local.webste]\nport = 3000\n")
+    result = velo("env", cwd=typo.parent, kubeconfig=cluster.kubeconfig)
+    assert result.returncode == 2 and "no Service webste" in result.stderr and "did you mean website" in result.stderr
