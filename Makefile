@@ -4,7 +4,9 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-fast bench install clean
+CLUSTER_DIR ?= /tmp/velo-cluster
+
+.PHONY: demo test test-fast bench install clean system-deps cluster-bins cluster-up cluster-down
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "velo needs Python 3.11+")'
@@ -23,8 +25,30 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/velo demo
 
-test: $(STAMP)
+# The cluster tests need iproute2 (network namespaces), util-linux and openssl; install
+# what is missing when we can (root on Debian), otherwise say what to install.
+system-deps:
+	@missing=""; for tool in ip unshare mount openssl curl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing:$$missing"; apt-get update -qq && apt-get install -y -qq iproute2 util-linux mount openssl curl >/dev/null; \
+	  else echo "missing:$$missing (install iproute2 util-linux openssl curl); cluster tests will be skipped"; fi; \
+	fi
+
+# Kubernetes binaries for the cluster tests, built from the Go module proxy into
+# ~/.cache/velo/k8s/<version> (cold: ~11 min on 2 cores; a no-op once built).
+cluster-bins:
+	@if command -v go >/dev/null; then tests/cluster/build.sh; \
+	else echo "no Go toolchain: cluster tests will be skipped (an error under CI=true)"; fi
+
+test: $(STAMP) system-deps cluster-bins
 	$(PY) -m pytest
+
+cluster-up: $(STAMP) system-deps cluster-bins
+	$(PY) -m tests.cluster.harness start $(CLUSTER_DIR)
+
+cluster-down:
+	$(PY) -m tests.cluster.harness stop $(CLUSTER_DIR)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import signal
 import json
 import socket
 import subprocess
@@ -181,3 +182,35 @@ def test_demo_shows_forward_and_reverse_and_leaves_nothing(tmp_path):
     assert "reverse request ok" in result.stdout
     leftover = subprocess.run(["pgrep", "-f", "velo gateway.*demo"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
+
+
+def test_run_command_gets_the_env_and_stops_with_velo(procs, tmp_path):
+    http = procs.server("http", text="remote")
+    gateway = procs.gateway(f"127.0.0.1:{http}")
+    candidate_port, expose = _free_port(), _free_port()
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
+                          local={"website": (candidate_port, expose)})
+    ready = tmp_path / "candidate.port"
+    config.write_text(config.read_text().replace(
+        f"port = {candidate_port}\n",
+        f"port = {candidate_port}\n"
+        f"run = '{sys.executable} -m tests.servers http --port {candidate_port} --text \"web is at $WEB_URL\" "
+        f"--ready-file {ready}'\n"))
+    (tmp_path / "tests").symlink_to(ROOT / "tests")
+    up = procs.up(config)
+    wait_for(ready.exists, 15, "velo to start the candidate")
+    wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")
+    with socket.create_connection(("127.0.0.1", expose), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        body = sock.recv(4096)
+    assert body.endswith(f"web is at http://127.0.0.1:{up.port('web')}".encode())
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(15) == 0
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", candidate_port), timeout=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -329,3 +329,24 @@ def test_connection_errors_are_one_clear_line(cluster, namespace, shop, tmp_path
     typo = kube_config(tmp_path / "r", namespace, shop.url, extra="\n[local.webste]\nport = 3000\n")
     result = velo("env", cwd=typo.parent, kubeconfig=cluster.kubeconfig)
     assert result.returncode == 2 and "no Service webste" in result.stderr and "did you mean website" in result.stderr
+
+
+def test_velo_down_repairs_what_a_double_crash_left(cluster, namespace, shop, procs, tmp_path):
+    """Laptop killed AND its traffic-proxy killed: nothing in the cluster can undo it, so
+    the next `velo down` must."""
+    laptop = procs.server("http", text="laptop")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    session = _service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
+    proxy = cluster.apps.list_namespaced_deployment(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items
+    pod = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items[0]
+    cluster.kill_pod_process(namespace, pod.metadata.name)
+    up.proc.signal(signal.SIGKILL)
+    up.proc.wait(10)
+    assert proxy and _service(cluster, namespace).metadata.annotations.get(ix.ANN_SESSION) == session
+    result = velo("down", "--all", cwd=config.parent, kubeconfig=cluster.kubeconfig, timeout=90)
+    assert result.returncode == 0, result.stderr
+    assert f"cleaned up session {session} (restored website)" in result.stdout
+    assert _service(cluster, namespace).spec.selector == {"app": "website"}
+    wait_for(lambda: not cluster.apps.list_namespaced_deployment(
+        namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items, 30, "the session's Deployment to be gone")

@@ -19,6 +19,7 @@ from typing import Callable
 
 from velo.config import ConfigError, VelocityConfig, load_config
 from velo.engine import envfile
+from velo.engine.candidates import Candidate
 from velo.engine.client import TunnelClient
 from velo.engine.control import ControlServer, socket_path
 from velo.engine.mesh import Mesh
@@ -50,6 +51,7 @@ class Up:
         self.last_reload_error = ""
         self._config_digest = _digest(config.source_path)
         self._tasks: list[asyncio.Task] = []
+        self.candidates: list[Candidate] = []
 
     # ---- lifecycle --------------------------------------------------------------
 
@@ -85,6 +87,11 @@ class Up:
         await self.provider.start(self.say)
         self._write_env(plan)
         self.client.start()
+        for name, local in config.local.items():
+            if local.run:
+                candidate = Candidate(name, local.run, config.root, self.say)
+                self.candidates.append(candidate)
+                await candidate.start(plan.env)
         for coro, name in ((self._watch_config(), "watching velocity.toml"), (self._watch_provider(), "watching the provider"),
                            (self.provider.keepalive(), "keeping the session alive")):
             task = asyncio.create_task(coro, name=name)
@@ -108,6 +115,8 @@ class Up:
         await self.stopping.wait()
 
     async def stop(self) -> None:
+        for candidate in self.candidates:
+            await candidate.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
