@@ -38,6 +38,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def http_get(port: int, timeout: float = 5, host: str = "127.0.0.1") -> bytes:
+    """One HTTP/1.1 GET with Connection: close; the raw response."""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data
+
+
 class Proc:
     def __init__(self, name: str, args: list[str], log: Path, env: dict | None = None, cwd: Path | None = None):
         self.name = name

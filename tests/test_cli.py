@@ -12,7 +12,7 @@ import threading
 
 import pytest
 
-from tests.helpers import ROOT, wait_for, write_config
+from tests.helpers import ROOT, free_port, http_get, wait_for, write_config
 from tests.servers import blob_digest
 
 MiB = 1 << 20
@@ -55,9 +55,7 @@ def test_live_reload_adds_a_listener_while_a_download_runs(procs, tmp_path):
     write_config(config, gateway_url=gateway.url,
                  remote={"blob": f"127.0.0.1:{blob}", "web": f"127.0.0.1:{http}"})
     result["new_port"] = wait_for(lambda: up.port("web"), 10, "the new listener to appear")
-    with socket.create_connection(("127.0.0.1", result["new_port"]), timeout=5) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert sock.recv(4096).endswith(b"added-later")
+    assert http_get(result["new_port"]).endswith(b"added-later")
     assert result.get("size") is None, "the download finished before the reload"
     reloaded.set()
     reader.join(120)
@@ -77,9 +75,7 @@ def test_bad_edit_keeps_last_good_config(procs, tmp_path):
     up.proc.wait_log('tunnel.bakend: unknown key; did you mean "backend"?')
     assert "last good config" in up.proc.log()
     assert up.status()["last_reload_error"]
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        assert sock.recv(4096).endswith(b"kept")
+    assert http_get(port).endswith(b"kept")
 
 
 BAD_CONFIGS = {
@@ -187,7 +183,7 @@ def test_demo_shows_forward_and_reverse_and_leaves_nothing(tmp_path):
 def test_run_command_gets_the_env_and_stops_with_velo(procs, tmp_path):
     http = procs.server("http", text="remote")
     gateway = procs.gateway(f"127.0.0.1:{http}")
-    candidate_port, expose = _free_port(), _free_port()
+    candidate_port, expose = free_port(), free_port()
     config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
                           local={"website": (candidate_port, expose)})
     ready = tmp_path / "candidate.port"
@@ -200,17 +196,9 @@ def test_run_command_gets_the_env_and_stops_with_velo(procs, tmp_path):
     up = procs.up(config)
     wait_for(ready.exists, 15, "velo to start the candidate")
     wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")
-    with socket.create_connection(("127.0.0.1", expose), timeout=5) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        body = sock.recv(4096)
+    body = http_get(expose)
     assert body.endswith(f"web is at http://127.0.0.1:{up.port('web')}".encode())
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(15) == 0
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", candidate_port), timeout=2)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]

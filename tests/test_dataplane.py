@@ -17,7 +17,7 @@ import time
 import psutil
 import pytest
 
-from tests.helpers import TOKEN, status_cli, wait_for, write_config
+from tests.helpers import TOKEN, free_port, http_get, status_cli, wait_for, write_config
 from tests.servers import blob_digest
 
 MiB = 1 << 20
@@ -32,15 +32,6 @@ def fetch_all(port: int, send: bytes = b"", timeout: float = 60) -> bytes:
         while chunk := sock.recv(1 << 20):
             chunks.append(chunk)
     return b"".join(chunks)
-
-
-def http_get(port: int, timeout: float = 5) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
 
 
 def sha256_stream(port: int, size: int, timeout: float = 120) -> str:
@@ -62,7 +53,7 @@ def mesh(procs, tmp_path):
     http = procs.server("http", text="remote-hello")
     candidate = procs.server("http", text="local-candidate")
     gateway = procs.gateway(f"127.0.0.1:{echo}", f"127.0.0.1:{http}")
-    expose = wait_for(lambda: _free(), 1, "a free port")
+    expose = free_port()
     config = write_config(
         tmp_path / "velocity.toml",
         gateway_url=gateway.url,
@@ -72,12 +63,6 @@ def mesh(procs, tmp_path):
     up = procs.up(config)
     wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")
     return up, gateway, expose
-
-
-def _free() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_forward_and_reverse_requests(mesh):
@@ -103,7 +88,7 @@ def test_64mib_forward_and_reverse_are_byte_identical(procs, tmp_path):
     sink = procs.server("sink")
     local_blob = procs.server("blob", size=size)
     gateway = procs.gateway(f"127.0.0.1:{blob}", f"127.0.0.1:{sink}")
-    expose = _free()
+    expose = free_port()
     config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url,
                           remote={"blob": f"127.0.0.1:{blob}", "sink": f"127.0.0.1:{sink}"},
                           local={"candidate": (local_blob, expose)})
@@ -267,7 +252,7 @@ def test_sigterm_stops_cleanly_and_leaves_nothing(procs, tmp_path):
 def test_gateway_frees_reverse_listener_when_client_dies_and_serves_the_next(procs, tmp_path):
     candidate = procs.server("http", text="first-laptop")
     gateway = procs.gateway()
-    expose = _free()
+    expose = free_port()
     config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, local={"website": (candidate, expose)})
     up = procs.up(config)
     wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")

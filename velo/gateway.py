@@ -21,7 +21,7 @@ from velo import protocol
 from velo.channel import MessageChannel
 from velo.plugins import backend_for_scheme
 from velo.transport import GatewayListen
-from velo.tunnel import Bridge, Refused, StreamStats, Tunnel
+from velo.tunnel import AcceptedBridge, Refused, StreamStats, Tunnel
 
 log = logging.getLogger("velo.gateway")
 
@@ -60,30 +60,18 @@ class ReverseListener:
         self.server: asyncio.AbstractServer | None = None
         self.stats = StreamStats()
 
-    def make_bridge(self) -> Bridge:
-        return _ReverseBridge(self)
+    def accepted(self, bridge: AcceptedBridge, transport) -> None:
+        tunnel = self.session.tunnel
+        if tunnel is None or not tunnel.alive:
+            transport.abort()
+            return
+        peer = transport.get_extra_info("peername") or ("?", 0)
+        tunnel.open(bridge, {"op": protocol.OP_REVERSE, "name": self.name, "peer": f"{peer[0]}:{peer[1]}"})
 
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
-
-
-class _ReverseBridge(Bridge):
-    __slots__ = ("listener",)
-
-    def __init__(self, listener: ReverseListener):
-        super().__init__(listener.stats)
-        self.listener = listener
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        tunnel = self.listener.session.tunnel
-        if tunnel is None or not tunnel.alive:
-            transport.abort()
-            return
-        peer = transport.get_extra_info("peername") or ("?", 0)
-        tunnel.open(self, {"op": protocol.OP_REVERSE, "name": self.listener.name, "peer": f"{peer[0]}:{peer[1]}"})
 
 
 class ClientSession:
@@ -229,7 +217,7 @@ class Gateway:
         listener = ReverseListener(name, port, session)
         try:
             listener.server = await asyncio.get_running_loop().create_server(
-                listener.make_bridge, self.reverse_host, host_port(port), reuse_address=True
+                lambda: AcceptedBridge(listener), self.reverse_host, host_port(port), reuse_address=True
             )
         except OSError as exc:
             return f"cannot listen on {self.reverse_host}:{port}: {exc.strerror or exc}"

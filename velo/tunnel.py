@@ -548,3 +548,19 @@ class Bridge(asyncio.Protocol):
         ):
             self.reading_paused = False
             self.transport.resume_reading()
+
+
+class AcceptedBridge(Bridge):
+    """A connection accepted by a local listener, to be sent through a tunnel as a new
+    stream.  The client's forward listeners and the gateway's reverse listeners are the
+    same thing seen from either end; ``listener.accepted`` decides which tunnel."""
+
+    __slots__ = ("listener",)
+
+    def __init__(self, listener) -> None:
+        super().__init__(listener.stats)
+        self.listener = listener
+
+    def connection_made(self, transport) -> None:
+        super().connection_made(transport)
+        self.listener.accepted(self, transport)

@@ -21,7 +21,7 @@ import pytest
 from kubernetes import client
 from kubernetes.stream import portforward
 
-from tests.helpers import wait_for
+from tests.helpers import http_get, wait_for
 from tests.kube.ingress import Ingress
 from velo.providers.kubernetes import intercept as ix
 
@@ -119,15 +119,6 @@ def _endpoint_pods(cluster, namespace: str, service: str) -> set[str]:
     return {e.target_ref.name for s in slices for e in (s.endpoints or []) if e.target_ref}
 
 
-def _http_get(port: int) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data
-
-
 def _via_pod(cluster, namespace: str, pod: str, port: int, payload: bytes) -> bytes:
     """Connect to a pod's port the way the cluster would: through the apiserver's port-forward."""
     try:
@@ -191,7 +182,7 @@ def test_up_forwards_intercepts_and_down_restores(cluster, namespace, shop, proc
     up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
 
     # Forward: through the tunnel to services the test process cannot reach itself.
-    body = _http_get(up.port("backend"))
+    body = http_get(up.port("backend"))
     assert body.startswith(b"HTTP/1.0 200") and f"{namespace}/backend".encode() in body
     with socket.create_connection(("127.0.0.1", up.port("cache")), timeout=10) as sock:
         sock.sendall(b"ping-through-velo")
@@ -279,7 +270,7 @@ def test_services_appearing_while_up_runs_get_listeners(cluster, namespace, shop
     cluster.start_in_cluster_service("late", namespace, kind="http", port=80)
     try:
         port = wait_for(lambda: up.port("late"), 15, "a listener for the new Service")
-        assert b"late" in _http_get(port)
+        assert b"late" in http_get(port)
     finally:
         cluster.stop_in_cluster_service("late", namespace)
     wait_for(lambda: "late" not in {f["name"] for f in up.status()["forwards"]}, 15, "the listener to go with the Service")
@@ -350,3 +341,39 @@ def test_velo_down_repairs_what_a_double_crash_left(cluster, namespace, shop, pr
     assert _service(cluster, namespace).spec.selector == {"app": "website"}
     wait_for(lambda: not cluster.apps.list_namespaced_deployment(
         namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items, 30, "the session's Deployment to be gone")
+
+
+def test_rejected_credentials_and_ambiguous_workloads(cluster, namespace, shop, tmp_path):
+    server = cluster.core.api_client.configuration.host
+    bogus = tmp_path / "bogus-kubeconfig"
+    bogus.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "bogus",
+        "clusters": [{"name": "c", "cluster": {"server": server,
+                                               "certificate-authority": cluster.core.api_client.configuration.ssl_ca_cert}}],
+        "users": [{"name": "u", "user": {"token": "not-a-valid-token"}}],
+        "contexts": [{"name": "bogus", "context": {"cluster": "c", "user": "u", "namespace": namespace}}]}))
+    config = kube_config(tmp_path / "p", namespace, shop.url)
+    result = velo("env", cwd=config.parent, kubeconfig=bogus)
+    assert result.returncode == 2 and f"{server}: credentials rejected" in result.stderr
+
+    twin = client.V1Deployment(
+        metadata=client.V1ObjectMeta(name="website-canary"),
+        spec=client.V1DeploymentSpec(
+            replicas=0, selector=client.V1LabelSelector(match_labels={"app": "website", "track": "canary"}),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels={"app": "website", "track": "canary"}),
+                spec=client.V1PodSpec(containers=[client.V1Container(name="web", image="website:canary")]))))
+    cluster.apps.create_namespaced_deployment(namespace, twin)
+    try:
+        config = kube_config(tmp_path / "q", namespace, shop.url, candidate_port=3000)
+        result = velo("env", cwd=config.parent, kubeconfig=cluster.kubeconfig)
+        assert result.returncode == 2
+        assert "deployment/website" in result.stderr and "deployment/website-canary" in result.stderr
+        assert 'local.website.workload = "<kind>/<name>"' in result.stderr
+        pinned = kube_config(tmp_path / "r", namespace, shop.url, candidate_port=3000,
+                             extra='workload = "deployment/website"\n')
+        result = velo("env", "--format", "json", cwd=pinned.parent, kubeconfig=cluster.kubeconfig)
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["MODE"] == "cluster"
+    finally:
+        cluster.apps.delete_namespaced_deployment("website-canary", namespace)

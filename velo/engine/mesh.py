@@ -13,7 +13,7 @@ import logging
 from velo import protocol
 from velo.engine.client import TunnelClient
 from velo.plan import Forward, Plan, Reverse
-from velo.tunnel import Bridge, Refused, StreamStats
+from velo.tunnel import AcceptedBridge, Refused, StreamStats
 
 log = logging.getLogger("velo.mesh")
 
@@ -34,7 +34,7 @@ class ForwardListener:
         spec = self.spec
         try:
             self.server = await asyncio.get_running_loop().create_server(
-                lambda: _ForwardBridge(self), spec.local_host, spec.local_port, reuse_address=True
+                lambda: AcceptedBridge(self), spec.local_host, spec.local_port, reuse_address=True
             )
         except OSError as exc:
             why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"
@@ -43,24 +43,15 @@ class ForwardListener:
                 f'set remote.services.{spec.service}.local_port in velocity.toml or free the port'
             ) from None
 
+    def accepted(self, bridge: AcceptedBridge, transport) -> None:
+        transport.pause_reading()  # until the stream exists; the tunnel may be reconnecting
+        bridge.reading_paused = True
+        self.client.open(bridge, self.header)
+
     def close(self) -> None:
         if self.server is not None:
             self.server.close()
             self.server = None
-
-
-class _ForwardBridge(Bridge):
-    __slots__ = ("listener",)
-
-    def __init__(self, listener: ForwardListener):
-        super().__init__(listener.stats)
-        self.listener = listener
-
-    def connection_made(self, transport) -> None:
-        super().connection_made(transport)
-        transport.pause_reading()
-        self.reading_paused = True
-        self.listener.client.open(self, self.listener.header)
 
 
 class Mesh:
