@@ -277,3 +277,19 @@ def test_gateway_frees_reverse_listener_when_client_dies_and_serves_the_next(pro
     up2 = procs.up(config2)
     wait_for(lambda: up2.status()["reverses"][0]["state"] == "listening", 10, "reverse listener for the next client")
     assert http_get(expose).endswith(b"second-laptop")
+
+
+def test_a_silent_gateway_is_detected_by_keepalive_and_recovered(procs, tmp_path):
+    """No FIN, no RST: the peer just stops answering (a frozen VM, a dead NAT entry)."""
+    http = procs.server("http", text="alive")
+    gateway = procs.gateway(f"127.0.0.1:{http}")
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"})
+    up = procs.up(config)  # keepalive_interval 1 s, keepalive_timeout 3 s (write_config)
+    gateway.proc.signal(signal.SIGSTOP)
+    try:
+        status = up.wait_state("reconnecting", timeout=3 + 1 + 3)
+        assert "no keepalive answer" in status["tunnel"]["last_error"]
+    finally:
+        gateway.proc.signal(signal.SIGCONT)
+    up.wait_state("up", timeout=10)
+    assert http_get(up.port("web")).endswith(b"alive")
