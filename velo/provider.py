@@ -46,9 +46,8 @@ class ProviderSession:
 
     async def watch(self) -> AsyncIterator[Inventory]:
         """Yield a new inventory whenever the remote side changes.  Default: never."""
-        if False:  # pragma: no cover - makes this an async generator
-            yield Inventory()
         return
+        yield  # unreachable; makes this an async generator that yields nothing
 
     async def start(self, say) -> None:
         """`velo up` only: make the remote side (traffic-proxy, intercepts).  ``say`` prints progress."""

@@ -29,7 +29,11 @@ def status_table(status: dict) -> Group:
     )
     if tunnel.get("up_since"):
         head.append(f"  up {time.time() - tunnel['up_since']:.0f}s")
-    parts = [head]
+    parts = []
+    if status.get("project"):
+        parts.append(Text(f"project {status['project']}  provider {status.get('provider', '?')}  "
+                          f"session {status.get('session', '?')}", style="dim"))
+    parts.append(head)
     if tunnel.get("last_error") and state != "up":
         parts.append(Text(f"last error: {tunnel['last_error']}", style="red"))
     table = Table(expand=False, box=None, header_style="bold")

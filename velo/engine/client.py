@@ -136,7 +136,7 @@ class TunnelClient:
                 continue
             tunnel = Tunnel(
                 client=True,
-                resolve=self._resolve,
+                resolve=self._resolve_reverse,
                 keepalive_interval=self.keepalive_interval,
                 keepalive_timeout=self.keepalive_timeout,
                 dial_timeout=self.connect_timeout,
@@ -211,9 +211,6 @@ class TunnelClient:
         bridge.stats.last_error = f"tunnel not back within {self.wait_for_tunnel:g}s"
         if bridge.transport is not None:
             bridge.transport.abort()
-
-    async def _resolve(self, header: dict):
-        return await self._resolve_reverse(header)
 
     # ---- control stream ---------------------------------------------------------
 
