@@ -24,6 +24,11 @@ OP_REVERSE = "reverse"   # gateway -> client: a connection arrived for a reverse
 OP_CONTROL = "control"   # client -> gateway: the long-lived control stream
 
 
+def encode_header(message: dict | bytes) -> bytes:
+    """Listeners pre-encode their (constant) header once; others pass a dict."""
+    return message if isinstance(message, bytes) else encode(message)
+
+
 class MessageError(ValueError):
     """The peer sent a malformed stream message; close that stream (or tunnel)."""
 
@@ -42,6 +47,10 @@ class MessageReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
+
+    @property
+    def empty(self) -> bool:
+        return not self._buf
 
     def feed(self, data: bytes | memoryview) -> list[dict]:
         self._buf += data
@@ -78,3 +87,6 @@ class MessageReader:
         rest = bytes(self._buf[2 + size :])
         self._buf.clear()
         return message, rest
+
+
+OK_REPLY = encode({"ok": True})  # the common answer, compared and sent without JSON work

@@ -186,12 +186,12 @@ class Tunnel:
     def peer(self) -> str:
         return getattr(self.pipe, "peer", "?")
 
-    def open(self, bridge: "Bridge", header: dict) -> None:
+    def open(self, bridge: "Bridge", header: dict | bytes) -> None:
         """Attach a local connection as a new outgoing stream that starts with ``header``."""
         sid = self.session.open_stream()
         self.streams[sid] = bridge
         bridge.attach(self, sid)
-        self.session.send_data(sid, protocol.encode(header))
+        self.session.send_data(sid, protocol.encode_header(header))
         bridge.expect_reply()
         bridge.start()
         self.schedule_flush()
@@ -269,9 +269,8 @@ class Tunnel:
                 target.attach(bridge)
                 return
             host, port = target
-            await asyncio.wait_for(
-                self.loop.create_connection(lambda: bridge, host, port), self._dial_timeout
-            )
+            async with asyncio.timeout(self._dial_timeout):  # no extra task, unlike wait_for
+                await self.loop.create_connection(lambda: bridge, host, port)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -351,7 +350,7 @@ class Bridge(asyncio.Protocol):
             if tunnel is None or tunnel.streams.get(self.sid) is not self:
                 transport.close()
                 return
-            tunnel.session.send_data(self.sid, protocol.encode({"ok": True}))
+            tunnel.session.send_data(self.sid, protocol.OK_REPLY)
             early, self.early = self.early, None
             for chunk in early or ():
                 self._write_local(chunk)
@@ -432,6 +431,13 @@ class Bridge(asyncio.Protocol):
 
     def _preamble(self, data: bytes) -> None:
         tunnel = self.tunnel
+        if self.awaiting == "reply" and self.reader.empty and data.startswith(protocol.OK_REPLY):
+            size = len(protocol.OK_REPLY)  # fast path: the usual answer, whole, in one chunk
+            tunnel.session.acknowledge_received_data(self.sid, size)
+            self.awaiting, self.reader = "", None
+            if len(data) > size:
+                self._write_local(data[size:])
+            return
         try:
             message, rest = self.reader.first(data)
         except protocol.MessageError as exc:

@@ -28,7 +28,7 @@ class ForwardListener:
         self.client = client
         self.stats = StreamStats()
         self.server: asyncio.AbstractServer | None = None
-        self.header = {"op": protocol.OP_CONNECT, "host": spec.target_host, "port": spec.target_port}
+        self.header = protocol.encode({"op": protocol.OP_CONNECT, "host": spec.target_host, "port": spec.target_port})
 
     async def start(self) -> None:
         spec = self.spec
