@@ -39,6 +39,7 @@ class Reverse:
     gateway_port: int
     local_host: str
     local_port: int
+    target_name: str = ""   # the Service's targetPort when it names a container port
 
     @property
     def key(self) -> str:

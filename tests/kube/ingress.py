@@ -79,3 +79,36 @@ class Ingress:
     def close(self) -> None:
         self._closed = True
         self.server.close()
+
+
+def service_backend(cluster, namespace: str, service: str, port: int) -> int | None:
+    """What kube-proxy or an Ingress controller does for a Service: EndpointSlice -> a ready
+    pod -> the pod's target port (here: the port the pod runner mapped it to)."""
+    from kubernetes import client
+
+    svc = cluster.core.read_namespaced_service(service, namespace)
+    spec_port = next(p for p in svc.spec.ports if p.port == port)
+    slices = client.DiscoveryV1Api(cluster.core.api_client).list_namespaced_endpoint_slice(
+        namespace, label_selector=f"kubernetes.io/service-name={service}").items
+    for endpoint_slice in slices:
+        target = next((p.port for p in endpoint_slice.ports or [] if p.name == (spec_port.name or "")), None)
+        for endpoint in endpoint_slice.endpoints or []:
+            if not (endpoint.conditions and endpoint.conditions.ready) or not endpoint.target_ref:
+                continue
+            record = cluster.pod_process(namespace, endpoint.target_ref.name)
+            if record and record.get("state") == "running" and str(target) in record.get("port_map", {}):
+                return int(record["port_map"][str(target)])
+    return None
+
+
+def request_via_service(cluster, namespace: str, service: str, port: int, payload: bytes) -> bytes | None:
+    """Send ``payload`` to Service ``service:port`` as another pod would; None if no endpoint serves it."""
+    backend = service_backend(cluster, namespace, service, port)
+    if backend is None:
+        return None
+    with socket.create_connection(("127.0.0.1", backend), timeout=10) as sock:
+        sock.sendall(payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return data

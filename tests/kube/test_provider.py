@@ -22,7 +22,7 @@ from kubernetes import client
 from kubernetes.stream import portforward
 
 from tests.helpers import http_get, wait_for
-from tests.kube.ingress import Ingress
+from tests.kube.ingress import Ingress, request_via_service
 from velo.providers.kubernetes import intercept as ix
 
 pytestmark = pytest.mark.cluster
@@ -199,9 +199,13 @@ def test_up_forwards_intercepts_and_down_restores(cluster, namespace, shop, proc
     proxy_pod = wait_for(lambda: next(iter(_endpoint_pods(cluster, namespace, "website") - original_pods), None),
                          30, "website's EndpointSlice to point at the traffic-proxy")
     assert "velo-proxy" in proxy_pod
-    answer = wait_for(lambda: _via_pod(cluster, namespace, proxy_pod, 8080,
-                                       b"GET / HTTP/1.1\r\nHost: website\r\nConnection: close\r\n\r\n"),
-                      15, "a request through the traffic-proxy pod")
+    request = b"GET / HTTP/1.1\r\nHost: website\r\nConnection: close\r\n\r\n"
+    answer = wait_for(lambda: _via_pod(cluster, namespace, proxy_pod, 8080, request),
+                      15, "a request through the traffic-proxy pod's port-forward")
+    assert answer.endswith(b"hello from the laptop")
+    # And the way other pods (or an Ingress) reach it: Service -> EndpointSlice -> pod.
+    answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, request),
+                      15, "a request to the Service website:80")
     assert answer.endswith(b"hello from the laptop")
 
     result = velo("down", cwd=config.parent, kubeconfig=cluster.kubeconfig, timeout=90)
@@ -209,6 +213,9 @@ def test_up_forwards_intercepts_and_down_restores(cluster, namespace, shop, proc
     assert up.proc.wait(30) == 0
     assert _comparable(_service(cluster, namespace)) == original
     wait_for(lambda: _endpoint_pods(cluster, namespace, "website") == original_pods, 30, "EndpointSlice back on the original pods")
+    # The Service routes to the original pods again (kwok pods: no process answers for them here).
+    wait_for(lambda: request_via_service(cluster, namespace, "website", 80, request) is None, 15,
+             "the Service to stop routing to the traffic-proxy")
     selector = f"{ix.LABEL_SESSION}={session}"
     wait_for(lambda: not cluster.apps.list_namespaced_deployment(namespace, label_selector=selector).items
              and not cluster.core.list_namespaced_secret(namespace, label_selector=selector).items

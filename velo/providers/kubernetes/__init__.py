@@ -184,11 +184,12 @@ class KubernetesSession(ProviderSession):
         reverses = []
         for port in ports:
             target = port.target_port if port.target_port is not None else port.port
+            target_name = ""
             if isinstance(target, str) and not target.isdigit():
                 if target not in container_ports:
                     raise ProviderError(f"Service {name} port {port.name or port.port}: targetPort {target!r} "
                                         "is not a named port of its workload's containers")
-                target = container_ports[target]
+                target_name, target = target, container_ports[target]
             key = port.name or str(port.port)
             if local.ports is not None:
                 local_port = local.ports.get(key) or local.ports.get(str(port.port))
@@ -197,7 +198,8 @@ class KubernetesSession(ProviderSession):
                     continue
             else:
                 local_port = local.port
-            reverses.append(Reverse(name, port.name if len(ports) > 1 else "", int(target), local.host, local_port))
+            reverses.append(Reverse(name, port.name if len(ports) > 1 else "", int(target), local.host, local_port,
+                                    target_name))
         return reverses
 
     async def watch(self) -> AsyncIterator[Inventory]:
@@ -282,6 +284,16 @@ class KubernetesSession(ProviderSession):
         while tunnel_port in target_ports:
             tunnel_port += 1
         self.tunnel_port = tunnel_port
+        # A Service whose targetPort is a name only gets endpoints on pods that declare a
+        # container port of that name, so the traffic-proxy declares the candidates' names.
+        names: dict[int, str] = {}
+        for reverse in inventory.reverses:
+            if reverse.target_name:
+                clash = next((p for p, n in names.items() if n == reverse.target_name and p != reverse.gateway_port), None)
+                if clash is not None:
+                    raise ProviderError(f"targetPort name {reverse.target_name!r} means port {clash} for one candidate "
+                                        f"and {reverse.gateway_port} for another; one traffic-proxy cannot serve both")
+                names[reverse.gateway_port] = reverse.target_name
         for doc in docs:
             if doc["kind"] == "Deployment":
                 container = doc["spec"]["template"]["spec"]["containers"][0]
@@ -290,8 +302,8 @@ class KubernetesSession(ProviderSession):
                     "--allow", f"*.{self.namespace}.svc.cluster.local:*",
                     "--session", self.session, "--lease-check", "2",
                 ]
-                container["ports"] = [{"name": "tunnel", "containerPort": tunnel_port}] + [
-                    {"containerPort": p} for p in target_ports
+                container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port}] + [
+                    {"containerPort": p, **({"name": names[p]} if p in names else {})} for p in target_ports
                 ]
                 probe = container.get("readinessProbe", {}).get("httpGet")
                 if probe:
