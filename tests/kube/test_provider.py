@@ -384,3 +384,46 @@ def test_rejected_credentials_and_ambiguous_workloads(cluster, namespace, shop, 
         assert json.loads(result.stdout)["MODE"] == "cluster"
     finally:
         cluster.apps.delete_namespaced_deployment("website-canary", namespace)
+
+
+def test_tunnel_follows_a_traffic_proxy_pod_restart(cluster, namespace, shop, procs, tmp_path):
+    laptop = procs.server("http", text="laptop after restart")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    session = _service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
+    selector = f"{ix.LABEL_SESSION}={session}"
+    old = cluster.core.list_namespaced_pod(namespace, label_selector=selector).items[0].metadata.name
+    cluster.kill_pod_process(namespace, old)          # the traffic-proxy crashes...
+    up.wait_state("reconnecting")
+    cluster.core.delete_namespaced_pod(old, namespace, grace_period_seconds=0)  # ...and is replaced
+    up.wait_state("up", timeout=60)
+    new = cluster.core.list_namespaced_pod(namespace, label_selector=selector).items
+    assert new and all(p.metadata.name != old for p in new)
+    assert f"{namespace}/backend".encode() in http_get(up.port("backend"))
+    request = b"GET / HTTP/1.1\r\nHost: website\r\nConnection: close\r\n\r\n"
+    answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, request), 20,
+                      "the Service to reach the laptop through the new traffic-proxy pod")
+    assert answer.endswith(b"laptop after restart")
+    assert up.status()["tunnel"]["reconnects"] >= 1
+
+
+def test_next_velo_up_repairs_a_lapsed_session(cluster, namespace, shop, procs, tmp_path):
+    laptop = procs.server("http", text="second run")
+    first = kube_config(tmp_path / "first", namespace, shop.url, candidate_port=laptop, lease=5, exclude='"*"')
+    up = procs.up(first, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    session = _service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
+    pod = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items[0]
+    cluster.kill_pod_process(namespace, pod.metadata.name)  # nothing in the cluster can undo it now
+    up.proc.signal(signal.SIGKILL)
+    up.proc.wait(10)
+    lease = client.CoordinationV1Api(cluster.core.api_client).read_namespaced_lease(ix.lease_name(session), namespace)
+    wait_for(lambda: ix.lease_expired(lease), 15, "the crashed session's lease to lapse")
+    second = kube_config(tmp_path / "second", namespace, shop.url, candidate_port=laptop, exclude='"*"')
+    again = procs.up(second, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    assert f"cleaned up session {session} (restored website)" in again.proc.log()
+    svc = _service(cluster, namespace)
+    assert svc.metadata.annotations[ix.ANN_SESSION] != session
+    assert json.loads(svc.metadata.annotations[ix.ANN_ORIGINAL]) == {"app": "website"}
+    again.proc.signal(signal.SIGTERM)
+    assert again.proc.wait(60) == 0
+    assert _service(cluster, namespace).spec.selector == {"app": "website"}
