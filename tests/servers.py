@@ -46,7 +46,8 @@ class Echo(asyncio.Protocol):
         self.transport.write(data)
 
     def eof_received(self):
-        self.transport.close()
+        self.transport.write_eof()  # half-close: echo what is still in flight, then EOF
+        return True
 
     def pause_writing(self):
         self.transport.pause_reading()

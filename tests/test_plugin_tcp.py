@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.servers import Echo
+
 from velo.mux.frames import FLAG_ACK, FLAG_SYN, HEADER, HEADER_SIZE, TYPE_PING, encode_frame
 
 TOKEN = "tcp-plugin-test-token"
@@ -113,17 +115,6 @@ class EchoServer:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-
-        class Echo(asyncio.Protocol):
-            def connection_made(self, transport):
-                self.transport = transport
-
-            def data_received(self, data):
-                self.transport.write(data)
-
-            def eof_received(self):
-                self.transport.write_eof()
-                return True
 
         async def main():
             server = await self.loop.create_server(Echo, "127.0.0.1", 0)
