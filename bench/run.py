@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import hashlib
-import importlib.metadata
 import importlib.util
 import json
 import os
@@ -46,6 +45,8 @@ import subprocess
 import sys
 import tempfile
 import time
+
+from hostinfo import cpu_model, memory, package_version
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -1001,29 +1002,7 @@ def _version_line(argv: list[str], pattern: str) -> str:
 
 
 def machine_info(tools: dict[str, str]) -> dict[str, str]:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = "?"
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem = f"{int(line.split()[1]) / 1024 / 1024:.0f} GiB RAM"
-                break
-    except OSError:
-        pass
-
-    def version(name: str) -> str:
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
+    cpu, mem, version = cpu_model(), memory(), package_version
     git = subprocess.run(["git", "-C", str(REPO), "describe", "--always", "--dirty"], capture_output=True, text=True)
     return {
         "cpu": cpu,

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as _dt
-import importlib.metadata
 import os
 import platform
 import signal
@@ -38,6 +37,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from hostinfo import cpu_model, package_version as version
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
@@ -495,13 +496,6 @@ TESTS = ("pingpong", "bulk_up", "bulk_down")
 # ---- driver ----------------------------------------------------------------------------
 
 
-def version(name: str) -> str:
-    try:
-        return importlib.metadata.version(name)
-    except importlib.metadata.PackageNotFoundError:
-        return "missing"
-
-
 def start_server(lib: str) -> tuple[subprocess.Popen, int]:
     proc = subprocess.Popen([sys.executable, __file__, "--serve", lib], stdout=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, start_new_session=True)
@@ -534,15 +528,7 @@ async def measure(lib: str, test: str, port: int, args) -> float:
 
 
 def machine() -> str:
-    cpu = "?"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return (f"{cpu}, {os.cpu_count()} cores, kernel {platform.release()}, Python {platform.python_version()}, "
+    return (f"{cpu_model()}, {os.cpu_count()} cores, kernel {platform.release()}, Python {platform.python_version()}, "
             f"uvloop {version('uvloop')}, picows {version('picows')}, websockets {version('websockets')}")
 
 
@@ -614,7 +600,7 @@ def main(argv=None) -> int:
     unknown = [lib for lib in args.libraries if lib not in LIBRARIES]
     if unknown:
         p.error(f"unknown library {unknown}; choose from {', '.join(LIBRARIES)}")
-    missing = [lib for lib in ("uvloop", *args.libraries) if lib != "raw-tcp" and version(lib) == "missing"]
+    missing = [lib for lib in ("uvloop", *args.libraries) if lib != "raw-tcp" and version(lib) == "not installed"]
     if missing:
         log(f"missing {', '.join(missing)}; install into the venv: .venv/bin/pip install -r bench/requirements.txt")
         return 2

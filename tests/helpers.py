@@ -132,6 +132,14 @@ class Procs:
             up.wait_state("up")
         return up
 
+    def web_mesh(self, text: str) -> tuple["Up", "Gateway", int]:
+        """The common setup: an HTTP target answering ``text``, a gateway allowed to reach it,
+        and `velo up` forwarding it as service "web" (config in this test's tmp folder)."""
+        http = self.server("http", text=text)
+        gateway = self.gateway(f"127.0.0.1:{http}")
+        config = write_config(self.tmp / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"})
+        return self.up(config), gateway, http
+
     def stop_all(self) -> None:
         for proc in reversed(self.all):
             proc.stop()

@@ -66,10 +66,8 @@ def test_live_reload_adds_a_listener_while_a_download_runs(procs, tmp_path):
 
 
 def test_bad_edit_keeps_last_good_config(procs, tmp_path):
-    http = procs.server("http", text="kept")
-    gateway = procs.gateway(f"127.0.0.1:{http}")
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"})
-    up = procs.up(config)
+    up, _gateway, _http = procs.web_mesh("kept")
+    config = up.config
     port = up.port("web")
     config.write_text(config.read_text().replace("[tunnel]", "[tunnel]\nbakend = 1"))
     up.proc.wait_log('tunnel.bakend: unknown key; did you mean "backend"?')
@@ -148,10 +146,7 @@ def test_config_check_and_env_print_the_plan(tmp_path):
 
 
 def test_down_stops_a_running_up(procs, tmp_path):
-    http = procs.server("http", text="x")
-    gateway = procs.gateway(f"127.0.0.1:{http}")
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"})
-    up = procs.up(config)
+    up, _gateway, _http = procs.web_mesh("x")
     result = velo("down", cwd=tmp_path)
     assert result.returncode == 0 and "stopped" in result.stdout
     assert up.proc.wait(10) == 0

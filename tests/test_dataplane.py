@@ -150,10 +150,7 @@ def test_stalled_reader_does_not_stall_others_and_memory_stays_bounded(procs, tm
 
 
 def test_gateway_restart_reconnects_and_listener_keeps_accepting(procs, tmp_path):
-    http = procs.server("http", text="still-here")
-    gateway = procs.gateway(f"127.0.0.1:{http}")
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"})
-    up = procs.up(config)
+    up, gateway, http = procs.web_mesh("still-here")
     port = up.port("web")
     assert http_get(port).endswith(b"still-here")
 
@@ -234,10 +231,7 @@ def test_target_outside_allow_list_is_refused(procs, tmp_path):
 
 
 def test_sigterm_stops_cleanly_and_leaves_nothing(procs, tmp_path):
-    http = procs.server("http", text="x")
-    gateway = procs.gateway(f"127.0.0.1:{http}")
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"})
-    up = procs.up(config)
+    up, gateway, _http = procs.web_mesh("x")
     port = up.port("web")
     children = psutil.Process(up.proc.pid).children(recursive=True)
     up.proc.signal(signal.SIGTERM)
@@ -281,10 +275,7 @@ def test_gateway_frees_reverse_listener_when_client_dies_and_serves_the_next(pro
 
 def test_a_silent_gateway_is_detected_by_keepalive_and_recovered(procs, tmp_path):
     """No FIN, no RST: the peer just stops answering (a frozen VM, a dead NAT entry)."""
-    http = procs.server("http", text="alive")
-    gateway = procs.gateway(f"127.0.0.1:{http}")
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"})
-    up = procs.up(config)  # keepalive_interval 1 s, keepalive_timeout 3 s (write_config)
+    up, gateway, _http = procs.web_mesh("alive")  # keepalive_interval 1 s, keepalive_timeout 3 s (write_config)
     gateway.proc.signal(signal.SIGSTOP)
     try:
         status = up.wait_state("reconnecting", timeout=3 + 1 + 3)

@@ -156,6 +156,7 @@ def _plan(config):
 
 
 def cmd_config_check(args) -> int:
+    from velo.plan import describe
     from velo.engine.up import check_backends
 
     config = _config(args)
@@ -165,10 +166,8 @@ def cmd_config_check(args) -> int:
     print(f"project {config.project.name}: provider {config.cluster.provider}, "
           f"tunnel {config.tunnel.backend}{' -> ' + ', '.join(config.tunnel.fallback) if config.tunnel.fallback else ''}"
           f"{' ' + config.tunnel.url if config.tunnel.url else ''}")
-    for f in plan.forwards:
-        print(f"  forward {f.key:24} {f.local_host}:{f.local_port} -> {f.target_host}:{f.target_port}")
-    for r in plan.reverses:
-        print(f"  reverse {r.key:24} gateway :{r.gateway_port} -> {r.local_host}:{r.local_port}")
+    for line in describe(plan):
+        print(line)
     if config.env.file:
         print(f"  env     {len(plan.env)} variables -> {config.env.file} ({config.env.format})")
     return 0

@@ -87,6 +87,17 @@ def port_key(service: str, port_name: str) -> str:
     return f"{service}/{port_name}" if port_name else service
 
 
+def describe(plan: Plan) -> list[str]:
+    """The plan as the user reads it (`velo up`, `velo config check`, reloads)."""
+    return [describe_forward(f) for f in plan.forwards] + [
+        f"  reverse {r.key:24} gateway :{r.gateway_port} -> {r.local_host}:{r.local_port}" for r in plan.reverses
+    ]
+
+
+def describe_forward(f: Forward) -> str:
+    return f"  forward {f.key:24} {f.local_host}:{f.local_port} -> {f.target_host}:{f.target_port}"
+
+
 def stable_port(key: str, taken: set[int]) -> int:
     """A local port derived from the name, so it is the same on every run and machine."""
     low, high = PORT_RANGE

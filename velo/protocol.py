@@ -47,11 +47,6 @@ class MessageReader:
 
     def __init__(self) -> None:
         self._buf = bytearray()
-
-    @property
-    def empty(self) -> bool:
-        return not self._buf
-
     def feed(self, data: bytes | memoryview) -> list[dict]:
         self._buf += data
         out = []
@@ -89,4 +84,4 @@ class MessageReader:
         return message, rest
 
 
-OK_REPLY = encode({"ok": True})  # the common answer, compared and sent without JSON work
+OK_REPLY = encode({"ok": True})  # the common answer, encoded once

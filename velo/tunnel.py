@@ -431,13 +431,6 @@ class Bridge(asyncio.Protocol):
 
     def _preamble(self, data: bytes) -> None:
         tunnel = self.tunnel
-        if self.awaiting == "reply" and self.reader.empty and data.startswith(protocol.OK_REPLY):
-            size = len(protocol.OK_REPLY)  # fast path: the usual answer, whole, in one chunk
-            tunnel.session.acknowledge_received_data(self.sid, size)
-            self.awaiting, self.reader = "", None
-            if len(data) > size:
-                self._write_local(data[size:])
-            return
         try:
             message, rest = self.reader.first(data)
         except protocol.MessageError as exc:

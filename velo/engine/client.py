@@ -150,15 +150,19 @@ class TunnelClient:
                 if exc.reason != self.last_error:  # say it once per streak, `velo status` has the rest
                     log.warning("tunnel via %s failed: %s (retrying)", endpoint.backend, exc.reason)
                 self.last_error = exc.reason
-                self.state = "unauthorized" if exc.auth else ("reconnecting" if self.connects else "connecting")
+                self.state = "unauthorized" if exc.auth else self._not_up
                 continue
             except (ConnectionError, TimeoutError, asyncio.TimeoutError, OSError) as exc:
                 self.last_error = f"{endpoint.url}: {exc or type(exc).__name__}"
-                self.state = "reconnecting" if self.connects else "connecting"
+                self.state = self._not_up
                 continue
             self._went_up(tunnel, endpoint)
             return tunnel
         return None
+
+    @property
+    def _not_up(self) -> str:
+        return "reconnecting" if self.connects else "connecting"
 
     def _went_up(self, tunnel: Tunnel, endpoint: Endpoint) -> None:
         self.tunnel = tunnel

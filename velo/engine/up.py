@@ -23,7 +23,7 @@ from velo.engine.candidates import Candidate
 from velo.engine.client import TunnelClient
 from velo.engine.control import ControlServer, socket_path
 from velo.engine.mesh import Mesh
-from velo.plan import Inventory, Plan, build_plan
+from velo.plan import Inventory, Plan, build_plan, describe, describe_forward
 from velo.plugins import PluginError, get_backend, get_provider
 from velo.provider import ProviderError, ProviderSession
 
@@ -172,7 +172,7 @@ class Up:
             ))
             for forward in plan.forwards:
                 if forward.key in added and forward.key in self.mesh.forwards:
-                    self.say(f"  forward {forward.key:24} {forward.local_host}:{forward.local_port} -> {forward.target_host}:{forward.target_port}")
+                    self.say(describe_forward(forward))
 
     async def _watch_config(self) -> None:
         from watchfiles import awatch
@@ -232,10 +232,8 @@ class Up:
     def _describe(self, plan: Plan) -> None:
         config = self.config
         self.say(f"velo: project {config.project.name}, provider {config.cluster.provider}, session {self.session_id}")
-        for forward in plan.forwards:
-            self.say(f"  forward {forward.key:24} {forward.local_host}:{forward.local_port} -> {forward.target_host}:{forward.target_port}")
-        for reverse in plan.reverses:
-            self.say(f"  reverse {reverse.key:24} gateway :{reverse.gateway_port} -> {reverse.local_host}:{reverse.local_port}")
+        for line in describe(plan):
+            self.say(line)
         if config.env.file:
             self.say(f"  env     {len(plan.env)} variables in {config.env.file}")
         self.say("velo: running; Ctrl-C stops and cleans up")

@@ -264,13 +264,9 @@ class KubernetesSession(ProviderSession):
             say(f"velo: Service {name} now sends its traffic to this laptop")
 
     def _check_free(self, name: str) -> None:
+        """Refuse before creating anything, rather than after the traffic-proxy is up."""
         svc = self.conn.core.read_namespaced_service(name, self.namespace, _request_timeout=15)
-        holder = (svc.metadata.annotations or {}).get(ix.ANN_SESSION)
-        if holder and holder != self.session and ix.lease_alive(self.conn, holder):
-            ann = svc.metadata.annotations
-            raise ix.InterceptRefused(
-                f"Service {name} is already intercepted by {ann.get(ix.ANN_HOLDER, '?')} (session {holder}) "
-                f"since {ann.get(ix.ANN_SINCE, '?')}; ask them to run `velo down`, or wait until their session lapses")
+        ix.refuse_if_held(svc, self.session, lambda s: ix.lease_alive(self.conn, s))
 
     def _manifests(self, inventory: Inventory) -> list[dict]:
         text = resources.files(__package__).joinpath("traffic-proxy.yaml").read_text()

@@ -80,6 +80,21 @@ def _is_conflict(exc: ProviderError) -> bool:
     return "HTTP 409" in text or "HTTP 422" in text or "testing value" in text or "the object has been modified" in text
 
 
+def refuse_if_held(svc, session: str, lease_alive) -> str | None:
+    """Raise InterceptRefused if another live session holds ``svc``; return a lapsed holder's id."""
+    annotations = svc.metadata.annotations or {}
+    holder = annotations.get(ANN_SESSION)
+    if not holder or holder == session:
+        return None
+    if lease_alive(holder):
+        raise InterceptRefused(
+            f"Service {svc.metadata.name} is already intercepted by {annotations.get(ANN_HOLDER, '?')} "
+            f"(session {holder}) since {annotations.get(ANN_SINCE, '?')}; "
+            "ask them to run `velo down`, or wait until their session lapses"
+        )
+    return holder
+
+
 def intercept(conn: Connection, name: str, session: str, lease_alive) -> dict:
     """Point Service ``name`` at this session's traffic-proxy; return the Service as it was.
 
@@ -87,19 +102,12 @@ def intercept(conn: Connection, name: str, session: str, lease_alive) -> dict:
     """
     for _ in range(CONFLICT_RETRIES):
         svc = call_sync(conn, f"reading Service {name}", conn.core.read_namespaced_service, name, conn.namespace)
-        annotations = svc.metadata.annotations or {}
-        holder = annotations.get(ANN_SESSION)
-        if holder == session:
+        if (svc.metadata.annotations or {}).get(ANN_SESSION) == session:
             return svc
-        if holder:
-            if lease_alive(holder):
-                raise InterceptRefused(
-                    f"Service {name} is already intercepted by {annotations.get(ANN_HOLDER, '?')} "
-                    f"(session {holder}) since {annotations.get(ANN_SINCE, '?')}; "
-                    "ask them to run `velo down`, or wait until their session lapses"
-                )
-            log.info("Service %s was left intercepted by lapsed session %s; restoring it first", name, holder)
-            restore(conn, name, holder)
+        lapsed = refuse_if_held(svc, session, lease_alive)
+        if lapsed:
+            log.info("Service %s was left intercepted by lapsed session %s; restoring it first", name, lapsed)
+            restore(conn, name, lapsed)
             continue
         if not svc.spec.selector:
             raise ProviderError(f"Service {name} has no selector, so velo cannot redirect it (is it backed by manual Endpoints?)")
