@@ -50,15 +50,14 @@ def cmd_up(args) -> int:
 
     async def main() -> int:
         up = Up(config, say=lambda line: print(line, flush=True))
-        started = False
+        up.handle_signals()  # before start: a stop while waiting for the cluster is a stop too
         try:
-            await up.start()
-            started = True
-            await up.run_until_stopped()
+            if await up.start_unless_stopped():
+                await up.run_until_stopped()
         except StartupError as exc:
             raise UserError(str(exc)) from None
-        finally:  # also when start fails half-way or Ctrl-C lands during it
-            if started:
+        finally:  # also when start fails half-way or a stop lands during it
+            if up.stopping.is_set():
                 print("velo: stopping", flush=True)
             await up.stop()
         return 1 if up.fatal else 0
