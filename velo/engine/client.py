@@ -126,6 +126,7 @@ class TunnelClient:
             return False
 
     async def _run(self) -> None:
+        self.state = "connecting"
         while not self._stopping:
             tunnel = await self._connect_once()
             if tunnel is not None:
