@@ -69,6 +69,7 @@ class KubernetesSession(ProviderSession):
         self.session = secrets.token_hex(5)
         self.token = secrets.token_urlsafe(32)
         self.started = False
+        self.portforward_port = TUNNEL_PORT + 1
         self.intercepted: list[str] = []
         self.warnings: list[str] = []
         self._warned: set[str] = set()  # warn once per Service, not on every re-discovery
@@ -240,15 +241,20 @@ class KubernetesSession(ProviderSession):
     # ---- the in-cluster side -------------------------------------------------------
 
     async def endpoints(self) -> list[Endpoint]:
+        """Backends with a url (an Ingress) dial it; the others go through the apiserver's
+        pods/portforward to the session's pod, found again by its labels every time."""
+        from . import portforward
+
         tunnel = self.config.tunnel
         found = []
         for name in tunnel.preference:
             table = tunnel.table(name)
             if getattr(table, "url", None):
                 found.append(Endpoint(name, table.url, self.token, settings=table))
-        if not found:
-            raise ProviderError("[tunnel.websocket] url is needed to reach the traffic-proxy (an Ingress or "
-                                f"LoadBalancer to its port {TUNNEL_PORT})")
+            else:
+                found.append(await portforward.endpoint(
+                    self.conn, self.namespace, f"{ix.LABEL_SESSION}={self.session}", self.portforward_port,
+                    backend=name, token=self.token, settings=table))
         return found
 
     async def start(self, say) -> None:
@@ -285,6 +291,9 @@ class KubernetesSession(ProviderSession):
         while tunnel_port in target_ports:
             tunnel_port += 1
         self.tunnel_port = tunnel_port
+        self.portforward_port = tunnel_port + 1  # pods/portforward reaches it on the pod's loopback
+        while self.portforward_port in target_ports:
+            self.portforward_port += 1
         # A Service whose targetPort is a name only gets endpoints on pods that declare a
         # container port of that name, so the traffic-proxy declares the candidates' names.
         names: dict[int, str] = {}
@@ -299,11 +308,13 @@ class KubernetesSession(ProviderSession):
             if doc["kind"] == "Deployment":
                 container = doc["spec"]["template"]["spec"]["containers"][0]
                 container["args"] = [
-                    "--listen", f"ws://0.0.0.0:{tunnel_port}/velo", "--token-env", "VELO_TOKEN",
+                    "--listen", f"ws://0.0.0.0:{tunnel_port}/velo",
+                    "--listen", f"port-forward://127.0.0.1:{self.portforward_port}", "--token-env", "VELO_TOKEN",
                     "--allow", f"*.{self.namespace}.svc.cluster.local:*",
                     "--session", self.session, "--lease-check", "2",
                 ]
-                container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port}] + [
+                container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port},
+                                      {"name": "velo-pf", "containerPort": self.portforward_port}] + [
                     {"containerPort": p, **({"name": names[p]} if p in names else {})} for p in target_ports
                 ]
                 probe = container.get("readinessProbe", {}).get("httpGet")
