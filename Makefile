@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 CLUSTER_DIR ?= /tmp/velo-cluster
 
-.PHONY: demo test test-fast bench install clean system-deps cluster-bins cluster-up cluster-down
+.PHONY: demo test test-fast bench install clean system-deps cluster-bins cluster-up cluster-down env-readers
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "velo needs Python 3.11+")'
@@ -41,7 +41,12 @@ cluster-bins:
 	@if command -v go >/dev/null; then tests/cluster/build.sh; \
 	else echo "no Go toolchain: cluster tests will be skipped (an error under CI=true)"; fi
 
-test: $(STAMP) system-deps cluster-bins
+# The real env-file readers the env tests use: Node's dotenv (npm, into ~/.cache/velo/npm)
+# and Debian's fish. A no-op once installed.
+env-readers:
+	tests/env_readers/install.sh
+
+test: $(STAMP) system-deps cluster-bins env-readers
 	$(PY) -m pytest
 
 cluster-up: $(STAMP) system-deps cluster-bins

@@ -178,8 +178,11 @@ def cmd_env(args) -> int:
 
     config = _config(args)
     plan = _plan(config)
-    sys.stdout.write(render(plan.env, args.format or config.env.format,
-                            secret_keys=plan.secret_keys, reveal=args.reveal))
+    fmt = "sh" if args.export else (args.format or config.env.format)
+    rendered = render(plan.env, fmt, secret_keys=plan.secret_keys, reveal=args.reveal or args.export)
+    for warning in rendered.warnings:
+        print(f"velo: {warning}", file=sys.stderr)
+    sys.stdout.write(rendered.text)
     return 0
 
 
@@ -278,7 +281,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Print the environment variables of the plan (service addresses, candidate configuration, "
             "overrides). Secrets are masked unless --reveal is given.")
     config_arg(p)
-    p.add_argument("--format", choices=["dotenv", "shell", "json"], help="output format (default: env.format)")
+    from velo.engine.envfile import FORMATS
+
+    p.add_argument("--format", choices=[*FORMATS, "shell"], metavar="FORMAT",
+                   help="output format, named for its reader (default: env.format): "
+                   + "; ".join(f"{f.name}: {f.readers}" for f in FORMATS.values()))
+    p.add_argument("--export", action="store_true",
+                   help='POSIX shell exports with the real values, for eval "$(velo env --export)"')
     p.add_argument("--reveal", action="store_true", help="show secret values instead of masking them")
 
     config = add("config", None, "work with velocity.toml")

@@ -202,8 +202,11 @@ def _str_list(value: object) -> object:
     return value
 
 
+ENV_FORMATS = ("dotenv", "compose", "docker", "sh", "fish", "powershell", "json", "shell")  # shell = sh
+
+
 def _env_format(value: object) -> str:
-    choices = ("dotenv", "shell", "json")
+    choices = ENV_FORMATS
     if value not in choices:
         raise _fail(f"expected one of {', '.join(show_value(c) for c in choices)}, got {show_value(value)}")
     return value  # type: ignore[return-value]
@@ -426,7 +429,7 @@ class EnvConfig(_Model):
     """``[env]``: where velo writes the environment for the candidates, and overrides."""
 
     file: Text = ".env"
-    format: Annotated[Literal["dotenv", "shell", "json"], BeforeValidator(_env_format)] = "dotenv"
+    format: Annotated[str, BeforeValidator(_env_format)] = "dotenv"  # named for its reader: velo/engine/envfile.py
     vars: dict[EnvName, EnvValue] = Field(default_factory=dict)
 
 

@@ -52,6 +52,7 @@ class Up:
         self._config_digest = _digest(config.source_path)
         self._tasks: list[asyncio.Task] = []
         self.candidates: list[Candidate] = []
+        self._env_warned: set[str] = set()
 
     # ---- lifecycle --------------------------------------------------------------
 
@@ -227,7 +228,10 @@ class Up:
     def _write_env(self, plan: Plan) -> None:
         env = self.config.env
         if env.file:
-            envfile.write(self.config.root / env.file, plan.env, env.format)
+            for warning in envfile.write(self.config.root / env.file, plan.env, env.format):
+                if warning not in self._env_warned:  # the file is rewritten on every change
+                    self._env_warned.add(warning)
+                    self.say(f"velo: {env.file}: {warning}")
 
     def _describe(self, plan: Plan) -> None:
         config = self.config
