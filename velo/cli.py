@@ -47,9 +47,15 @@ def cmd_up(args) -> int:
 
     config = _config(args)
     _log_level(args)
+    only = [name for item in args.only or [] for name in item.split(",") if name]
+    unknown = [name for name in only if name not in config.local]
+    if unknown:
+        raise UserError(f"--only {', '.join(unknown)}: no such [local.<name>] in {config.source_path.name} "
+                        f"(candidates: {', '.join(config.local) or 'none'})")
 
     async def main() -> int:
-        up = Up(config, say=lambda line: print(line, flush=True))
+        up = Up(config, say=lambda line: print(line, flush=True), run_candidates=not args.no_run,
+                only=only or None, colour=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
         started = False
         try:
             await up.start()
@@ -64,6 +70,27 @@ def cmd_up(args) -> int:
         return 1 if up.fatal else 0
 
     return run(main())
+
+
+def cmd_run(args) -> int:
+    """`velo run -- CMD`: CMD gets the environment of the running `velo up`, then replaces velo."""
+    from velo.engine.control import request, socket_path
+
+    config = _config(args)
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise UserError("velo run needs a command: velo run -- CMD [ARGS...]")
+    try:
+        reply = request(socket_path(config.root), "env")
+    except (ConnectionError, OSError):
+        raise UserError(f"no `velo up` is running for {config.root}; start it first") from None
+    if "env" not in reply:
+        raise UserError(f"the running `velo up` did not answer with its environment: {reply.get('error')}")
+    sys.stdout.flush()
+    try:
+        os.execvpe(command[0], command, {**os.environ, **reply["env"]})
+    except OSError as exc:
+        raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from None
 
 
 def cmd_down(args) -> int:
@@ -261,6 +288,16 @@ def build_parser() -> argparse.ArgumentParser:
             "watch the file and apply only what changed. Runs until Ctrl-C, SIGTERM or `velo down`.")
     config_arg(p)
     log_arg(p)
+    p.add_argument("--no-run", action="store_true",
+                   help="bring up only the mesh and the env file; start no candidate (for Tilt, Compose, ...)")
+    p.add_argument("--only", action="append", metavar="NAME[,NAME]",
+                   help="run only these candidates ([local.<name>]; repeatable)")
+
+    p = add("run", cmd_run, "run a one-off command with the environment of the running `velo up`",
+            "Run CMD (a test suite, a migration, a REPL) with the environment velo gives the candidates, "
+            "taken from the running `velo up` of this project: velo run -- CMD [ARGS...]")
+    config_arg(p)
+    p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
 
     p = add("down", cmd_down, "stop the `velo up` running for this project and undo its changes",
             "Stop the running `velo up` of this project (it restores what it changed), then repair "

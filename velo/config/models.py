@@ -338,6 +338,18 @@ class TunnelConfig(_Model):
         return self
 
 
+def _command(value: object) -> object:
+    """``run``: a command line (for /bin/sh -c) or an argv list of non-empty strings."""
+    if isinstance(value, str):
+        return _nonempty(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise _fail(f'expected a command line or a non-empty array of strings like ["npm", "run", "dev"], got {show_value(value)}')
+
+
+Command = Annotated[str | list[str], BeforeValidator(_command)]
+
+
 class LocalService(_Model):
     """``[local.<service>]``: one development candidate running on the laptop."""
 
@@ -346,8 +358,10 @@ class LocalService(_Model):
     host: Host = "127.0.0.1"
     expose: Expose | None = None
     workload: Workload | None = None
-    run: NonEmpty | None = None
-    watch: NameList = Field(default_factory=list)
+    run: Command | None = None  # a shell command line, or an argv list run as is
+    cwd: Text | None = None  # where run starts, relative to velocity.toml's folder
+    watch: NameList = Field(default_factory=list)  # globs, relative to cwd: a change restarts run
+    ignore: NameList = Field(default_factory=list)  # globs added to .git, node_modules, ...
 
     @model_validator(mode="after")
     def _check(self) -> LocalService:

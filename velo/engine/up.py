@@ -19,7 +19,7 @@ from typing import Callable
 
 from velo.config import ConfigError, VelocityConfig, load_config
 from velo.engine import envfile
-from velo.engine.candidates import Candidate
+from velo.engine.candidates import Candidate, make_candidates
 from velo.engine.client import TunnelClient
 from velo.engine.control import ControlServer, socket_path
 from velo.engine.mesh import Mesh
@@ -30,13 +30,20 @@ from velo.provider import ProviderError, ProviderSession
 log = logging.getLogger("velo.up")
 
 
+CANDIDATE_WAIT = 15.0  # how long a reverse stream waits for a restarting candidate
+
+
 class StartupError(Exception):
     """`velo up` cannot start; the message is for the user (exit code 2)."""
 
 
 class Up:
-    def __init__(self, config: VelocityConfig, *, say: Callable[[str], None] = print):
+    def __init__(self, config: VelocityConfig, *, say: Callable[[str], None] = print,
+                 run_candidates: bool = True, only: list[str] | None = None, colour: bool = False):
         self.config = config
+        self.run_candidates = run_candidates  # False: `velo up --no-run`, an orchestrator runs them
+        self.only = only
+        self.colour = colour
         self.say = say
         self.session_id = secrets.token_hex(6)
         self.provider: ProviderSession | None = None
@@ -75,7 +82,8 @@ class Up:
         )
         self.mesh = Mesh(self.client)
         self.control = ControlServer(
-            socket_path(config.root), {"status": lambda _r: self.status(), "shutdown": self._shutdown_request}
+            socket_path(config.root), {"status": lambda _r: self.status(), "shutdown": self._shutdown_request,
+                                       "env": lambda _r: {"env": self.mesh.plan.env, "root": str(self.config.root)}}
         )
         try:
             await self.control.start()
@@ -88,11 +96,14 @@ class Up:
         await self.provider.start(self.say)
         self._write_env(plan)
         self.client.start()
-        for name, local in config.local.items():
-            if local.run:
-                candidate = Candidate(name, local.run, config.root, self.say)
-                self.candidates.append(candidate)
-                await candidate.start(plan.env)
+        if self.run_candidates:
+            self.candidates = make_candidates(config, self.say, only=self.only, colour=self.colour)
+            for candidate in self.candidates:
+                if not candidate.cwd.is_dir():
+                    raise StartupError(f"{config.source_path.name}: local.{candidate.name}.cwd: "
+                                       f"folder {candidate.cwd} does not exist")
+            for candidate in self.candidates:  # the listeners are bound: the env is true now
+                candidate.start(plan.env)
         for coro, name in ((self._watch_config(), "watching velocity.toml"), (self._watch_provider(), "watching the provider"),
                            (self.provider.keepalive(), "keeping the session alive")):
             task = asyncio.create_task(coro, name=name)
@@ -104,7 +115,12 @@ class Up:
         return await self.provider.endpoints()
 
     async def _resolve_reverse(self, header: dict):
-        return await self.mesh.resolve_reverse(header)
+        host, port = await self.mesh.resolve_reverse(header)
+        name = str(header.get("name", "")).split("/")[0]
+        for candidate in self.candidates:  # mid-restart: wait for the new process (bounded)
+            if candidate.name == name:
+                await candidate.wait_ready(host, port, timeout=CANDIDATE_WAIT)
+        return host, port
 
     async def run_until_stopped(self) -> None:
         loop = asyncio.get_running_loop()
@@ -164,6 +180,8 @@ class Up:
         for problem in problems:
             self.say(f"velo: {problem}")
         self._write_env(plan)
+        for candidate in self.candidates:
+            candidate.set_env(plan.env)
         added = {f.key for f in plan.forwards} - {f.key for f in before.forwards}
         removed = {f.key for f in before.forwards} - {f.key for f in plan.forwards}
         if added or removed or plan.reverses != before.reverses:
@@ -182,6 +200,7 @@ class Up:
         async for _changes in awatch(
             path.parent,
             watch_filter=lambda _change, changed: Path(changed).name == path.name,
+            recursive=False,  # the folder itself, never node_modules & co below it
             debounce=100,
             step=50,
         ):
@@ -252,6 +271,7 @@ class Up:
             started=self.started,
             reloads=self.reloads,
             last_reload_error=self.last_reload_error,
+            candidates=[c.status() for c in self.candidates],
         )
         return status
 
