@@ -42,7 +42,7 @@ cluster-bins:
 	else echo "no Go toolchain: cluster tests will be skipped (an error under CI=true)"; fi
 
 # The real env-file readers the env tests use: Node's dotenv (npm, into ~/.cache/velo/npm)
-# and Debian's fish. A no-op once installed.
+# and Debian's fish and direnv. A no-op once installed.
 env-readers:
 	tests/env_readers/install.sh
 

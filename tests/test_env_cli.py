@@ -56,3 +56,22 @@ def test_config_accepts_the_new_format_names(project):
     result = velo("env", cwd=project)
     assert result.returncode == 0, result.stderr
     assert "set -gx DB_PASSWORD 'pa$word it\\'s \"x\"'" in result.stdout
+
+
+def test_direnv_envrc_from_the_readme_gives_the_exact_values(project):
+    """The `.envrc` the README documents, loaded by the real direnv."""
+    import shutil
+
+    if shutil.which("direnv") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("direnv is not installed (tests/env_readers/install.sh installs it)")
+        pytest.skip("direnv is not installed (tests/env_readers/install.sh installs it)")
+    (project / ".envrc").write_text('watch_file velocity.toml\neval "$(velo env --export)"\n')
+    env = {**os.environ, "VELO_TEST_TOKEN": "x", "HOME": str(project), "XDG_CONFIG_HOME": str(project / ".config"),
+           "XDG_DATA_HOME": str(project / ".data"), "PATH": f"{os.path.dirname(sys.executable)}:{os.environ['PATH']}"}
+    subprocess.run(["direnv", "allow", str(project)], check=True, env=env, cwd=project, timeout=30)
+    out = subprocess.run(["direnv", "exec", str(project), "env", "-0"], capture_output=True, env=env, cwd=project,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    got = dict(item.split("=", 1) for item in out.stdout.decode().split("\0") if "=" in item)
+    assert got["DB_PASSWORD"] == 'pa$word it\'s "x"' and got["CERT"] == "line1\nline2" and got["REF"] == "${HOME}"

@@ -74,21 +74,16 @@ def cmd_up(args) -> int:
 
 def cmd_run(args) -> int:
     """`velo run -- CMD`: CMD gets the environment of the running `velo up`, then replaces velo."""
-    from velo.engine.control import request, socket_path
-
     config = _config(args)
     command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
     if not command:
         raise UserError("velo run needs a command: velo run -- CMD [ARGS...]")
-    try:
-        reply = request(socket_path(config.root), "env")
-    except (ConnectionError, OSError):
-        raise UserError(f"no `velo up` is running for {config.root}; start it first") from None
-    if "env" not in reply:
-        raise UserError(f"the running `velo up` did not answer with its environment: {reply.get('error')}")
+    env, _secret_keys = _session_env(config)
+    if env is None:
+        raise UserError(f"no `velo up` is running for {config.root}; start it first")
     sys.stdout.flush()
     try:
-        os.execvpe(command[0], command, {**os.environ, **reply["env"]})
+        os.execvpe(command[0], command, {**os.environ, **env})
     except OSError as exc:
         raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from None
 
@@ -204,13 +199,29 @@ def cmd_env(args) -> int:
     from velo.engine.envfile import render
 
     config = _config(args)
-    plan = _plan(config)
+    env, secret_keys = _session_env(config)
+    if env is None:  # no session running: the plan, as `velo up` would make it
+        plan = _plan(config)
+        env, secret_keys = plan.env, plan.secret_keys
     fmt = "sh" if args.export else (args.format or config.env.format)
-    rendered = render(plan.env, fmt, secret_keys=plan.secret_keys, reveal=args.reveal or args.export)
+    rendered = render(env, fmt, secret_keys=secret_keys, reveal=args.reveal or args.export)
     for warning in rendered.warnings:
         print(f"velo: {warning}", file=sys.stderr)
     sys.stdout.write(rendered.text)
     return 0
+
+
+def _session_env(config):
+    """The env of the `velo up` running for this project (fast: no cluster), or (None, ())."""
+    from velo.engine.control import request, socket_path
+
+    try:
+        reply = request(socket_path(config.root), "env", timeout=2)
+    except (ConnectionError, OSError, ValueError):
+        return None, frozenset()
+    if "env" not in reply:
+        return None, frozenset()
+    return reply["env"], frozenset(reply.get("secret_keys", ()))
 
 
 def cmd_gateway(args) -> int:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The real env-file readers the env tests read velo's files back with (tests/test_env_*.py):
 # Node's dotenv from npm into ~/.cache/velo/npm/dotenv-<version> (run with the machine's
-# Node), and Debian's fish. python-dotenv comes from PyPI through pyproject's test extra.
+# Node), and Debian's fish and direnv. python-dotenv comes from PyPI through pyproject's test extra.
 # Idempotent: a no-op once installed. Missing tools only make those readers skip (an error
 # under CI=true).
 set -euo pipefail
@@ -23,11 +23,12 @@ else
   log "no npm: the Node dotenv reader test will be skipped"
 fi
 
-if ! command -v fish >/dev/null; then
+for tool in fish direnv; do
+  command -v $tool >/dev/null && continue
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    log "apt-get install fish"
-    apt-get install -y -qq fish >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq fish >/dev/null; }
+    log "apt-get install $tool"
+    apt-get install -y -qq $tool >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq $tool >/dev/null; }
   else
-    log "no fish (install Debian's fish package); the fish reader test will be skipped"
+    log "no $tool (install Debian's $tool package); its reader test will be skipped"
   fi
-fi
+done

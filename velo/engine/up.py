@@ -83,7 +83,8 @@ class Up:
         self.mesh = Mesh(self.client)
         self.control = ControlServer(
             socket_path(config.root), {"status": lambda _r: self.status(), "shutdown": self._shutdown_request,
-                                       "env": lambda _r: {"env": self.mesh.plan.env, "root": str(self.config.root)}}
+                                       "env": lambda _r: {"env": self.mesh.plan.env,
+                                                          "secret_keys": sorted(self.mesh.plan.secret_keys)}}
         )
         try:
             await self.control.start()
