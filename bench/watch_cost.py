@@ -37,8 +37,7 @@ runpy.run_module("velo", run_name="__main__")
 '''
 
 
-def make_tree(root: Path, files: int) -> None:
-    per_dir = 100
+def make_tree(root: Path, files: int, per_dir: int) -> None:
     for i in range(files // per_dir):
         folder = root / "node_modules" / f"pkg{i // 50}" / f"lib{i % 50}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -69,6 +68,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--idle", type=float, default=10.0)
+    parser.add_argument("--per-dir", type=int, default=10, help="files per folder (node_modules: ~10)")
     parser.add_argument("--recursive-config-watch", action="store_true")
     args = parser.parse_args()
     os.environ["VELO_TEST_TOKEN"] = "bench-token-0123456789"
@@ -77,7 +77,7 @@ def main() -> int:
         project = tmp / "project"
         project.mkdir()
         made = time.monotonic()
-        make_tree(project, args.files)
+        make_tree(project, args.files, args.per_dir)
         made = time.monotonic() - made
         procs = Procs(tmp)
         try:
@@ -98,12 +98,13 @@ def main() -> int:
             ready = time.monotonic() - started
             time.sleep(2)  # let the watchers finish walking the tree before measuring idle
             watches = inotify_watches(proc.pid)
+            startup_cpu = cpu_seconds(proc.pid)
             before, t0 = cpu_seconds(proc.pid), time.monotonic()
             time.sleep(args.idle)
             idle_cpu = (cpu_seconds(proc.pid) - before) / (time.monotonic() - t0)
             result = {
-                "files": args.files, "config_watch": "recursive (old)" if args.recursive_config_watch else "folder only",
-                "tree_made_s": round(made, 1), "ready_s": round(ready, 2), "inotify_watches": watches,
+                "files": args.files, "folders": args.files // args.per_dir, "config_watch": "recursive (old)" if args.recursive_config_watch else "folder only",
+                "tree_made_s": round(made, 1), "ready_s": round(ready, 2), "inotify_watches": watches, "startup_cpu_s": round(startup_cpu, 2),
                 "idle_cpu_percent": round(100 * idle_cpu, 2), "rss_mib": round(
                     int(Path(f"/proc/{proc.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1),
             }

@@ -248,3 +248,13 @@ def test_velo_run_gets_the_running_sessions_env(procs, tmp_path):
     gone = subprocess.run([sys.executable, "-m", "velo", "run", "-c", str(project.config), "--", "true"],
                           capture_output=True, text=True, timeout=30)
     assert gone.returncode == 2 and "no `velo up` is running" in gone.stderr
+
+
+def test_editing_the_run_command_in_velocity_toml_starts_the_new_command(procs, tmp_path):
+    project = Project(procs, tmp_path)
+    up = project.up()
+    first = project.wait_starts(1, up)[0]
+    project.config.write_text(project.config.read_text().replace('"sleep"]', '"crash"]'))
+    up.proc.wait_log("velo: website: run settings changed")
+    up.proc.wait_log("velo: website crashed (exit code 3)")
+    assert not alive(first["pid"])

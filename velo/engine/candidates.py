@@ -94,6 +94,10 @@ class Candidate:
                 task.cancel()
         self.state = "stopped"
 
+    def spec(self) -> tuple:
+        """What a config reload compares: a change means a new Candidate."""
+        return (self.argv, str(self.cwd), self.watch, self.ignore)
+
     def status(self) -> dict:
         up = time.time() - self.started_at if self.started_at and self.state == "running" else None
         return {"name": self.name, "state": self.state, "pid": self.pid, "restarts": self.restarts,

@@ -237,6 +237,29 @@ class Up:
             self.provider.update_config(new)
         self.inventory = await self.provider.inventory()
         await self._apply(f"{new.source_path.name} changed")
+        await self._sync_candidates()
+
+    async def _sync_candidates(self) -> None:
+        """After a reload: candidates whose run/cwd/watch/ignore changed start anew."""
+        if not self.run_candidates:
+            return
+        wanted = {c.name: c for c in make_candidates(self.config, self.say, only=self.only, colour=self.colour)}
+        kept = []
+        for candidate in self.candidates:
+            if candidate.name in wanted and wanted[candidate.name].spec() == candidate.spec():
+                kept.append(candidate)
+                del wanted[candidate.name]
+            else:
+                self.say(f"velo: {candidate.name}: run settings changed" if candidate.name in wanted
+                         else f"velo: {candidate.name}: no longer run by velo")
+                await candidate.stop()
+        for candidate in wanted.values():
+            if not candidate.cwd.is_dir():
+                self.say(f"velo: local.{candidate.name}.cwd: folder {candidate.cwd} does not exist; not started")
+                continue
+            candidate.start(self.mesh.plan.env)
+            kept.append(candidate)
+        self.candidates = kept
 
     async def _watch_provider(self) -> None:
         async for inventory in self.provider.watch():
