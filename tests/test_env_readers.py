@@ -2,7 +2,8 @@
 
 Readers: python-dotenv (PyPI), Node's dotenv (npm, run with the machine's Node; installed
 by tests/env_readers/install.sh), `docker compose config` (the Compose v2 CLI, when it is
-built), bash and fish sourcing the sh/fish output, json.loads.  PowerShell is not on this
+built), `docker run --env-file` (a real engine and the busybox test image of
+tests/docker/), bash and fish sourcing the sh/fish output, json.loads.  PowerShell is not on this
 machine (no Debian package), so the powershell format has no reader test here.
 
 A value either comes back exactly, or velo named that reader as unable to carry it and
@@ -11,6 +12,7 @@ warned: never a silently different value.
 
 from __future__ import annotations
 
+import functools
 import glob
 import re
 import json
@@ -137,6 +139,30 @@ def read_compose(path: Path) -> dict[str, str]:
     return {k: (v or "").replace("$$", "$") for k, v in environment.items()}
 
 
+@functools.cache
+def docker_image() -> str | None:
+    """A runnable image on a live engine: tests/docker/image.sh builds it (a no-op once built)."""
+    script = HERE.parent / "docker" / "image.sh"
+    if shutil.which("docker") is None or not script.exists():
+        return None
+    try:
+        if subprocess.run(["docker", "info"], capture_output=True, timeout=30).returncode != 0:
+            return None
+        out = subprocess.run([str(script)], capture_output=True, text=True, timeout=300)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip().splitlines()[-1] if out.returncode == 0 and out.stdout.strip() else None
+
+
+def read_docker_run(path: Path) -> dict[str, str]:
+    image = docker_image()
+    need("a Docker engine with the test image (tests/docker/engine.sh, tests/docker/image.sh)", image is not None)
+    out = subprocess.run(["docker", "run", "--rm", "--env-file", str(path), image, "env", "-0"],
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return _env0(out.stdout)
+
+
 def _env0(out: bytes) -> dict[str, str]:
     return dict(item.split("=", 1) for item in out.decode().split("\0") if "=" in item)
 
@@ -164,6 +190,7 @@ READERS = {
     NODE_DOTENV: ("dotenv", read_node_dotenv),
     COMPOSE: ("dotenv", read_compose),
     "compose only": ("compose", read_compose),
+    "docker run --env-file": ("docker", read_docker_run),
     "bash": ("sh", read_bash),
     "fish": ("fish", read_fish),
     "json": ("json", read_json),
@@ -196,7 +223,9 @@ def check_round_trip(tmp: Path, env: dict[str, str], reader: str) -> dict[str, s
 @pytest.mark.parametrize("reader", list(READERS))
 def test_tricky_values_come_back_exactly(tmp_path, reader):
     unreadable = check_round_trip(tmp_path, TRICKY, reader)
-    if READERS[reader][0] != "dotenv":
+    if READERS[reader][0] == "docker":
+        assert set(unreadable) == {"NEWLINES", "PEM", "CRLF"}, "only line breaks are beyond docker's env file"
+    elif READERS[reader][0] != "dotenv":
         assert not unreadable, "formats for one reader carry every value"
 
 
