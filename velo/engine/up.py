@@ -133,8 +133,7 @@ class Up:
         await self.stopping.wait()
 
     async def stop(self) -> None:
-        for candidate in self.candidates:
-            await candidate.stop()
+        await asyncio.gather(*(c.stop() for c in self.candidates))  # their grace periods overlap
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
