@@ -64,7 +64,8 @@ def candidates_table(candidates: list[dict]) -> Table:
         table.add_column(column, no_wrap=True)
     colours = {"running": "green", "starting": "yellow", "restarting": "yellow", "crashed": "red"}
     for c in candidates:
-        table.add_row("run", c["name"], Text(c["state"], style=colours.get(c["state"], "")),
+        state = c["state"] + (" (not watching: " + c["watch_error"] + ")" if c.get("watch_error") else "")
+        table.add_row("run", c["name"], Text(state, style=colours.get(c["state"], "")),
                       str(c["pid"] or "-"), str(c["restarts"]),
                       "-" if c["last_exit"] is None else str(c["last_exit"]),
                       "-" if c["uptime"] is None else f"{c['uptime']:.0f}s")

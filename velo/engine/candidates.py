@@ -53,6 +53,7 @@ class Candidate:
         self.restarts = 0
         self.last_exit: int | None = None
         self.started_at: float | None = None
+        self.watch_error = ""
         self.env: dict[str, str] = {}
         self._running_env: dict[str, str] | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -66,9 +67,23 @@ class Candidate:
 
     def start(self, env: dict[str, str]) -> None:
         self.env = dict(env)
-        self._tasks.append(asyncio.create_task(self._supervise(), name=f"candidate {self.name}"))
+        self._tasks.append(asyncio.create_task(self._supervise(), name=f"supervising {self.name}"))
         if self.watch:
-            self._tasks.append(asyncio.create_task(self._watch(), name=f"watching files of {self.name}"))
+            self._tasks.append(asyncio.create_task(self._watch(), name=f"watching the files of {self.name}"))
+        for task in self._tasks:
+            task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        """Never die quietly: one line, and the state says so in `velo status`."""
+        if task.cancelled() or self._stopping or task.exception() is None:
+            return
+        exc = task.exception()
+        log.debug("%s failed", task.get_name(), exc_info=exc)
+        self.say(f"velo: {task.get_name()} failed: {exc}")
+        if task.get_name().startswith("watching"):
+            self.watch_error = str(exc) or type(exc).__name__
+        else:
+            self.state = "failed"
 
     def set_env(self, env: dict[str, str]) -> None:
         """The plan's environment changed (a config map, a service appeared): restart."""
@@ -101,7 +116,8 @@ class Candidate:
     def status(self) -> dict:
         up = time.time() - self.started_at if self.started_at and self.state == "running" else None
         return {"name": self.name, "state": self.state, "pid": self.pid, "restarts": self.restarts,
-                "last_exit": self.last_exit, "uptime": up, "command": self.command}
+                "last_exit": self.last_exit, "uptime": up, "command": self.command,
+                "watch_error": self.watch_error}
 
     async def wait_ready(self, host: str, port: int, timeout: float) -> None:
         """Until the candidate accepts on ``port`` (bounded); instant when it is steady."""

@@ -129,16 +129,22 @@ async def watch_changes(base: Path, globs: Iterable[str], ignore: Iterable[str] 
                       debounce=1600, step=50, stop_event=stop_event)
                for recursive in (True, False)
                if (paths := [path for path, r in watches if r == recursive])]
-    queue: asyncio.Queue[set[str]] = asyncio.Queue()
+    queue: asyncio.Queue[set[str] | Exception] = asyncio.Queue()
 
     async def pump(stream):
-        async for changes in stream:
-            queue.put_nowait({path_filter.relative(p) or p for _c, p in changes})
+        try:
+            async for changes in stream:
+                queue.put_nowait({path_filter.relative(p) or p for _c, p in changes})
+        except Exception as exc:  # e.g. out of inotify watches: the caller must hear of it
+            queue.put_nowait(exc)
 
     tasks = [asyncio.create_task(pump(s)) for s in streams]
     try:
         while True:
-            yield await queue.get()
+            item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            yield item
     finally:
         for task in tasks:
             task.cancel()
