@@ -8,7 +8,7 @@ through providers registered by the ``velo_cluster_providers`` hook.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, ClassVar
 
 from velo.plan import Inventory
@@ -20,7 +20,7 @@ class Endpoint:
 
     backend: str
     url: str
-    token: str
+    token: str = field(repr=False)  # never in a repr, a log line or a traceback
 
 
 class ProviderError(Exception):
@@ -49,8 +49,13 @@ class ProviderSession:
         return
         yield  # unreachable; makes this an async generator that yields nothing
 
-    async def start(self, say) -> None:
-        """`velo up` only: make the remote side (traffic-proxy, intercepts).  ``say`` prints progress."""
+    async def start(self, say, path_ready=None) -> None:
+        """`velo up` only: make the remote side (traffic-proxy, intercepts).  ``say`` prints progress.
+
+        ``path_ready(timeout)`` waits until the tunnel is up and the gateway has bound the
+        reverse listeners; it returns None, or why not.  A provider redirects cluster
+        traffic only after it returned None, so nothing points at a dead end.
+        """
 
     async def keepalive(self) -> None:
         """Runs for the life of `velo up` (e.g. renewing a lease); raising stops velo with its message."""

@@ -194,6 +194,9 @@ class TunnelClient:
         self.last_error = reason
         self.reverse_status = {}
         log.warning("tunnel down: %s", reason)
+        if self.reverse_wanted:  # what the cluster sends to this laptop is lost meanwhile
+            log.warning("no route to this laptop for %s until the tunnel is back",
+                        ", ".join(r["name"] for r in self.reverse_wanted))
 
     # ---- streams ----------------------------------------------------------------
 

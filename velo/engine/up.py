@@ -84,9 +84,9 @@ class Up:
         problems = await self.mesh.apply(plan)
         if problems:
             raise StartupError("\n".join(problems))
-        await self.provider.start(self.say)
+        self.client.start()  # before the provider's start: it intercepts only once this path works
+        await self.provider.start(self.say, self._path_ready)
         self._write_env(plan)
-        self.client.start()
         for name, local in config.local.items():
             if local.run:
                 candidate = Candidate(name, local.run, config.root, self.say)
@@ -101,6 +101,25 @@ class Up:
 
     async def _endpoints(self):
         return await self.provider.endpoints()
+
+    async def _path_ready(self, timeout: float) -> str | None:
+        """None once the tunnel is up and the gateway reported every reverse listener bound;
+        otherwise, after ``timeout`` (or at the gateway's first refusal), why not."""
+        client = self.client
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            wanted = [r["name"] for r in client.reverse_wanted]
+            status = client.reverse_status
+            refused = [f"{n}: {status[n].get('error')}" for n in wanted if n in status and not status[n].get("ok")]
+            if client.state == "up" and all(status.get(n, {}).get("ok") for n in wanted):
+                return None
+            if refused:
+                return "the gateway could not open reverse " + "; ".join(refused)
+            if asyncio.get_running_loop().time() >= deadline:
+                if client.state != "up":
+                    return f"the tunnel is not connected ({client.last_error or client.state})"
+                return "the gateway did not confirm the reverse listeners " + ", ".join(wanted)
+            await asyncio.sleep(0.1)
 
     async def _resolve_reverse(self, header: dict):
         return await self.mesh.resolve_reverse(header)
