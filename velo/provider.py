@@ -37,6 +37,15 @@ class ProviderSession:
         """velocity.toml changed in ways that need no reconnect (services, env, locals)."""
         self.config = config
 
+    async def reconfigure(self, config) -> None:
+        """``update_config`` for a provider that must act on the change remotely (e.g.
+        restore a Service that is no longer a candidate)."""
+        self.update_config(config)
+
+    def reload_refused(self, config) -> str | None:
+        """Why this running session cannot take ``config`` live (the user must restart), or None."""
+        return None
+
     async def endpoints(self) -> list[Endpoint]:
         """Asked before every (re)connect, so a provider can follow a restarted pod."""
         raise NotImplementedError

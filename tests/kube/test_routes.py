@@ -131,3 +131,27 @@ def test_an_external_name_service_is_forwarded_end_to_end(cluster, namespace, ap
         cluster.core.delete_namespaced_service("billing", namespace)
         cluster.stop_in_cluster_service("billing", other)
         cluster.core.delete_namespace(other)
+
+
+def test_env_expands_service_links_to_the_local_listeners_and_prints_warnings(cluster, namespace, apps, tmp_path):
+    cluster.apps.create_namespaced_deployment(namespace, client.V1Deployment(
+        metadata=client.V1ObjectMeta(name="cart"),
+        spec=client.V1DeploymentSpec(
+            replicas=0, selector=client.V1LabelSelector(match_labels={"app": "cart"}),
+            template=client.V1PodTemplateSpec(
+                metadata=client.V1ObjectMeta(labels={"app": "cart"}),
+                spec=client.V1PodSpec(containers=[client.V1Container(name="cart", image="cart:dev", env=[
+                    client.V1EnvVar(name="BACKEND", value="http://$(BACKEND_SERVICE_HOST):$(BACKEND_SERVICE_PORT)/x"),
+                    client.V1EnvVar(name="LATER", value="$(NOT_DEFINED_ANYWHERE)"),
+                ])])))))
+    try:
+        config = kube_config(tmp_path / "p", namespace, apps.url, extra=local("cart", port=3000))
+        result = velo("env", "--format", "json", cwd=config.parent, kubeconfig=cluster.kubeconfig)
+        assert result.returncode == 0, result.stderr
+        env = json.loads(result.stdout)
+        assert env["BACKEND"] == f"http://127.0.0.1:{env['BACKEND_SERVICE_PORT']}/x"
+        assert env["LATER"] == "$(NOT_DEFINED_ANYWHERE)", "kept as written, like the kubelet"
+        assert "[local.cart] env: LATER: $(NOT_DEFINED_ANYWHERE) is not defined before LATER" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    finally:
+        cluster.apps.delete_namespaced_deployment("cart", namespace)

@@ -200,3 +200,29 @@ def test_a_live_tunnel_keeps_the_session_while_the_laptop_cannot_reach_the_apise
         assert not intercepted(cluster, namespace)
     finally:
         relay.close()
+
+
+def test_live_edits_restore_a_removed_candidate_and_refuse_what_needs_a_restart(cluster, namespace, shop, procs,
+                                                                               tmp_path):
+    laptop = procs.server("http", text="laptop")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    assert intercepted(cluster, namespace)
+    with_candidate = config.read_text()
+    without = with_candidate.replace(f"\n[local.website]\nport = {laptop}\n", "\n")
+    assert without != with_candidate
+    config.write_text(without)
+    wait_for(lambda: service(cluster, namespace).spec.selector == {"app": "website"}, 20,
+             f"the removed candidate's Service to be restored; log:\n{up.proc.log()[-2000:]}")
+    up.proc.wait_log("Service website: original selector restored ([local.website] removed)")
+    assert ix.ANN_SESSION not in (service(cluster, namespace).metadata.annotations or {})
+
+    config.write_text(with_candidate)  # added back: needs a new traffic-proxy, so a restart
+    up.proc.wait_log("intercepting [local.website] needs a restart of `velo up`", timeout=20)
+    config.write_text(with_candidate.replace("lease_seconds = 30", "lease_seconds = 60"))
+    up.proc.wait_log("[cluster] and [tunnel] changes need a restart of `velo up`", timeout=20)
+    assert not intercepted(cluster, namespace) and up.proc.running()
+    assert up.status()["last_reload_error"].startswith("[cluster] and [tunnel] changes need a restart")
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")

@@ -214,6 +214,11 @@ class Up:
                 self.last_reload_error = str(exc)
                 self.say(f"velo: {path.name} not applied, still running the last good config:\n{exc}")
                 continue
+            refused = self.provider.reload_refused(new)
+            if refused:
+                self.last_reload_error = refused
+                self.say(f"velo: {path.name} not applied, still running the last good config: {refused}")
+                continue
             await self._reload(new)
 
     async def _reload(self, new: VelocityConfig) -> None:
@@ -232,7 +237,7 @@ class Up:
             client.wait_for_tunnel = tunnel.wait_for_tunnel
             client.restart()
         else:
-            self.provider.update_config(new)
+            await self.provider.reconfigure(new)
         self.inventory = await self.provider.inventory()
         await self._apply(f"{new.source_path.name} changed")
 

@@ -218,7 +218,8 @@ class KubernetesSession(ProviderSession):
                 self._watch = watch.Watch()
                 try:
                     for event in self._watch.stream(self.conn.core.list_namespaced_service, self.namespace,
-                                                    resource_version=resource_version, timeout_seconds=60):
+                                                    resource_version=resource_version, timeout_seconds=60,
+                                                    _request_timeout=(10, 75)):  # a frozen apiserver too
                         resource_version = event["object"].metadata.resource_version
                         loop.call_soon_threadsafe(changed.set)
                 except ApiException as exc:
@@ -279,6 +280,30 @@ class KubernetesSession(ProviderSession):
             await asyncio.to_thread(ix.intercept, conn, name, self.session, lambda s: ix.lease_alive(conn, s), ports)
             self.intercepted.append(name)
             say(f"velo: Service {name} now sends its traffic to this laptop")
+
+    # ---- live edits -----------------------------------------------------------------
+
+    def reload_refused(self, config) -> str | None:
+        """The traffic-proxy and its tunnel belong to [cluster] and [tunnel], and its ports to
+        the candidates: such changes need a new session, which only a restart makes cleanly."""
+        if not self.started:
+            return None
+        if config.cluster != self.config.cluster or config.tunnel != self.config.tunnel:
+            return "[cluster] and [tunnel] changes need a restart of `velo up` (Ctrl-C, then `velo up`)"
+        added = sorted(set(config.local) - set(self.config.local))
+        if added:
+            return (f"intercepting {', '.join(f'[local.{n}]' for n in added)} needs a restart of `velo up` "
+                    "(the traffic-proxy's ports are fixed when it starts)")
+        return None
+
+    async def reconfigure(self, config) -> None:
+        """A candidate removed from velocity.toml gets its Service back at once."""
+        removed = [name for name in self.intercepted if name not in config.local]
+        self.config = config
+        for name in removed:
+            await asyncio.to_thread(ix.restore, self.conn, name, self.session)
+            self.intercepted.remove(name)
+            log.warning("Service %s: original selector restored ([local.%s] removed)", name, name)
 
     def _check_free(self, name: str) -> None:
         """Refuse before creating anything, rather than after the traffic-proxy is up."""
