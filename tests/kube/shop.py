@@ -33,10 +33,12 @@ lease_seconds = {lease}
 ready_timeout = {ready_timeout}
 {cluster_extra}
 [tunnel]
-url = "{url}"
 reconnect_max_delay = 0.5
 keepalive_interval = 1.0
 keepalive_timeout = 3.0
+
+[tunnel.websocket]
+url = "{url}"
 
 [remote]
 exclude = [{exclude}]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from velo.config import parse_config
 from velo.plan import Inventory, Service, ServicePort, build_plan
-from velo.provider import Endpoint
+from velo.transport import Endpoint
 
 INVENTORY = Inventory((Service("backend", (ServicePort("", 80, "backend.shop.svc.cluster.local", 80),)),
                        Service("cache", (ServicePort("", 6379, "cache.shop.svc.cluster.local", 6379),))))
