@@ -473,12 +473,10 @@ class KubernetesSession(ProviderSession):
         return await asyncio.to_thread(self._repair, everything, user)
 
 
-PROXY_RESOURCES = {"cpu_request": "50m", "memory_request": "64Mi", "cpu_limit": "500m", "memory_limit": "256Mi"}
-
-
 def proxy_resources(cluster) -> dict[str, str]:
     """The traffic-proxy container's requests and limits ([cluster] proxy_cpu_request ...)."""
-    return {key: str(getattr(cluster, f"proxy_{key}", None) or default) for key, default in PROXY_RESOURCES.items()}
+    return {key: str(getattr(cluster, f"proxy_{key}"))
+            for key in ("cpu_request", "memory_request", "cpu_limit", "memory_limit")}
 
 
 def refuse_candidate(name: str, svc, selector: dict) -> None:
