@@ -21,6 +21,7 @@ from typing import Awaitable, Callable
 
 from velo import protocol
 from velo.channel import MessageChannel
+from velo.mux.window import WindowTuner
 from velo.mux import (
     DataReceived,
     GoAwayReceived,
@@ -79,7 +80,9 @@ class Tunnel:
         label: str = "tunnel",
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.session = Session(client=client)
+        # Receive windows grow with the measured round trip (velo/mux/window.py).
+        self.window_tuner = WindowTuner()
+        self.session = Session(client=client, tuner=self.window_tuner)
         self.resolve = resolve
         self.label = label
         self.pipe: TunnelPipe | None = None
@@ -141,6 +144,7 @@ class Tunnel:
                 sent = self._ping_sent.pop(event.opaque, None)
                 if sent is not None:
                     self.rtt = time.monotonic() - sent
+                    self.window_tuner.observe_rtt(self.rtt)
             elif kind is PingReceived:
                 pass  # the session queued the reply
             elif kind is GoAwayReceived:

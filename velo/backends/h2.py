@@ -1,0 +1,1 @@
+"""HTTP/2 CONNECT tunnel backend (work in progress)."""
