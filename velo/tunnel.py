@@ -80,6 +80,7 @@ class Tunnel:
         label: str = "tunnel",
     ) -> None:
         self.loop = asyncio.get_running_loop()
+        self.client = client
         # Receive windows grow with the measured round trip (velo/mux/window.py).
         self.window_tuner = WindowTuner()
         self.session = Session(client=client, tuner=self.window_tuner)
@@ -105,6 +106,10 @@ class Tunnel:
 
     def connection_made(self, pipe: TunnelPipe) -> None:
         self.pipe = pipe
+        new_session = getattr(pipe, "new_session", None)
+        if new_session is not None:
+            # The backend multiplexes natively (HTTP/2): its streams replace yamux here.
+            self.session = new_session(client=self.client, tuner=self.window_tuner)
         if not self.connected.done():
             self.connected.set_result(None)
         self._ping_sent[self.session.ping()] = time.monotonic()  # first RTT right away
