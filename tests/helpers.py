@@ -193,8 +193,9 @@ def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None 
     """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)}."""
     lines = [
         '[project]', 'name = "test"', '',
-        '[tunnel]', f'backend = "{backend}"', f'url = "{gateway_url}"', f'token_env = "{token_env}"',
+        '[tunnel]', f'token_env = "{token_env}"',
         'reconnect_max_delay = 0.5', 'keepalive_interval = 1.0', 'keepalive_timeout = 3.0', '',
+        f'[tunnel.{backend}]', f'url = "{gateway_url}"', '',
     ]
     for name, (port, expose) in (local or {}).items():
         lines += [f"[local.{name}]", f"port = {port}", f"expose = {expose}", ""]

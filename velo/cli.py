@@ -75,7 +75,7 @@ def cmd_down(args) -> int:
     try:
         request(socket_path(config.root), "shutdown", timeout=10)
         print("velo: asked the running `velo up` to stop")
-        _wait_gone(socket_path(config.root), timeout=config.cluster.ready_timeout)
+        _wait_gone(socket_path(config.root), timeout=getattr(config.cluster, "ready_timeout", 120.0))
         print("velo: stopped")
     except (ConnectionError, OSError):
         print(f"velo: nothing running for {config.root}")
@@ -107,7 +107,7 @@ def cmd_rbac(args) -> int:
     if namespace is None:
         try:
             config = _config(args)
-            namespace = config.cluster.namespace or None
+            namespace = getattr(config.cluster, "namespace", "") or None
             provider_name = config.cluster.provider
         except ConfigError:
             pass
@@ -163,9 +163,10 @@ def cmd_config_check(args) -> int:
     check_backends(config)
     plan = _plan(config)
     print(f"{config.source_path}: ok")
-    print(f"project {config.project.name}: provider {config.cluster.provider}, "
-          f"tunnel {config.tunnel.backend}{' -> ' + ', '.join(config.tunnel.fallback) if config.tunnel.fallback else ''}"
-          f"{' ' + config.tunnel.url if config.tunnel.url else ''}")
+    tunnel = config.tunnel
+    tried = [f"{name} {getattr(tunnel.table(name), 'url', None) or '(through the provider)'}"
+             for name in tunnel.preference]
+    print(f"project {config.project.name}: provider {config.cluster.provider}, tunnel {' -> '.join(tried)}")
     for line in describe(plan):
         print(line)
     if config.env.file:

@@ -8,19 +8,12 @@ through providers registered by the ``velo_cluster_providers`` hook.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import AsyncIterator, ClassVar
 
 from velo.plan import Inventory
+from velo.transport import Endpoint
 
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One way to reach a gateway: try them in order."""
-
-    backend: str
-    url: str
-    token: str
+__all__ = ["Endpoint", "Provider", "ProviderError", "ProviderSession"]
 
 
 class ProviderError(Exception):
@@ -38,7 +31,11 @@ class ProviderSession:
         self.config = config
 
     async def endpoints(self) -> list[Endpoint]:
-        """Asked before every (re)connect, so a provider can follow a restarted pod."""
+        """Asked before every (re)connect, so a provider can follow a restarted pod.
+
+        One per backend of ``config.tunnel.preference``, in that order; the client
+        tries them in turn.
+        """
         raise NotImplementedError
 
     async def inventory(self) -> Inventory:

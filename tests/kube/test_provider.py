@@ -46,10 +46,12 @@ lease_seconds = {lease}
 ready_timeout = 60
 
 [tunnel]
-url = "{url}"
 reconnect_max_delay = 0.5
 keepalive_interval = 1.0
 keepalive_timeout = 3.0
+
+[tunnel.websocket]
+url = "{url}"
 
 [remote]
 exclude = [{exclude}]

@@ -144,7 +144,7 @@ class TunnelClient:
             )
             tunnel.stats = self.reverse_stats
             try:
-                await backend.connect(endpoint.url, endpoint.token, lambda: tunnel, timeout=self.connect_timeout)
+                await backend.connect(endpoint, lambda: tunnel, timeout=self.connect_timeout)
                 await asyncio.wait_for(asyncio.shield(tunnel.connected), self.connect_timeout)
             except TunnelError as exc:
                 if exc.reason != self.last_error:  # say it once per streak, `velo status` has the rest

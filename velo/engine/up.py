@@ -254,9 +254,9 @@ class Up:
 
 def check_backends(config: VelocityConfig) -> None:
     """Fail now, naming the key, rather than retrying a backend that cannot exist."""
-    get_backend(config.tunnel.backend)
-    for i, name in enumerate(config.tunnel.fallback):
-        get_backend(name, key=f"tunnel.fallback[{i}]")
+    tunnel = config.tunnel
+    for i, name in enumerate(tunnel.preference):
+        get_backend(name, key=f"tunnel.prefer[{i}]" if tunnel.prefer else f"tunnel.{name}")
     get_provider(config.cluster.provider)
 
 

@@ -241,10 +241,15 @@ class KubernetesSession(ProviderSession):
 
     async def endpoints(self) -> list[Endpoint]:
         tunnel = self.config.tunnel
-        if not tunnel.url:
-            raise ProviderError("[tunnel] url is needed to reach the traffic-proxy (an Ingress or LoadBalancer "
-                                f"to its port {TUNNEL_PORT})")
-        return [Endpoint(name, tunnel.url, self.token) for name in [tunnel.backend, *tunnel.fallback]]
+        found = []
+        for name in tunnel.preference:
+            table = tunnel.table(name)
+            if getattr(table, "url", None):
+                found.append(Endpoint(name, table.url, self.token, settings=table))
+        if not found:
+            raise ProviderError("[tunnel.websocket] url is needed to reach the traffic-proxy (an Ingress or "
+                                f"LoadBalancer to its port {TUNNEL_PORT})")
+        return found
 
     async def start(self, say) -> None:
         """Create the traffic-proxy, wait for it, take the lease, swap the selectors."""
@@ -465,3 +470,10 @@ class KubernetesProvider(Provider):
 @hookimpl
 def velo_cluster_providers():
     return [KubernetesProvider()]
+
+
+@hookimpl
+def velo_config_tables():
+    from .settings import KubernetesTable
+
+    return {"cluster.kubernetes": KubernetesTable}
