@@ -10,6 +10,7 @@ that has lost power.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import hmac
 import json
@@ -146,8 +147,10 @@ class Gateway:
     def authenticate(self, presented: str | None) -> bool:
         return presented is not None and hmac.compare_digest(presented.encode(), self._token)
 
-    async def listen(self, url: str) -> asyncio.AbstractServer:
+    async def listen(self, url: str, ssl_context=None) -> asyncio.AbstractServer:
         scheme, listen = parse_listen_url(url)
+        if ssl_context is not None:
+            listen = dataclasses.replace(listen, ssl=ssl_context)
         backend = backend_for_scheme(scheme)
         server = await backend.serve(listen, self.authenticate, self._new_tunnel)
         self.servers.append(server)

@@ -34,6 +34,22 @@ def client_context(*, ca_file: str | None = None, alpn: list[str] | None = None)
     return ctx
 
 
+def for_endpoint(endpoint, *, secure: bool, alpn: list[str] | None = None) -> tuple[ssl.SSLContext | None, str | None]:
+    """The client context and the name to verify for a backend's endpoint.
+
+    A context the provider built (``endpoint.ssl_context``) wins; otherwise
+    ``ca_file`` and ``server_name`` come from the backend's ``[tunnel.<name>]`` table.
+    """
+    settings = endpoint.settings
+    server_name = getattr(settings, "server_name", None)
+    if not secure:
+        return None, None
+    ctx = endpoint.ssl_context or client_context(ca_file=getattr(settings, "ca_file", None), alpn=alpn)
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    return ctx, server_name
+
+
 def server_context(cert_file: str, key_file: str, *, alpn: list[str] | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -60,8 +60,17 @@ from velo.mux import (
     WindowUpdated,
 )
 from velo.mux.window import WindowTuner
-from velo.tls import TLSConfigError, client_context
-from velo.transport import Authenticator, GatewayListen, SinkFactory, TunnelBackend, TunnelError, TunnelSink
+from velo import tls
+from velo.config.tables import BackendTable, url_for
+from velo.transport import (
+    Authenticator,
+    Endpoint,
+    GatewayListen,
+    SinkFactory,
+    TunnelBackend,
+    TunnelError,
+    TunnelSink,
+)
 
 FORWARD_AUTHORITY = "velo"
 REVERSE_AUTHORITY = "velo-reverse"
@@ -127,8 +136,9 @@ class H2Session:
         config = h2.config.H2Configuration(client_side=client, header_encoding="utf-8",
                                            validate_inbound_headers=True)
         self.conn = h2.connection.H2Connection(config=config)
-        self.conn.local_settings = h2.settings.Settings(client=client, initial_values=_settings(client))
         self.conn.initiate_connection()
+        # Pending until the peer acknowledges, which is when h2 applies them to its checks.
+        self.conn.update_settings(_settings(client))
         self.conn.increment_flow_control_window(CONNECTION_WINDOW - 65535)
         self._streams: dict[int, _Stream] = {}  # velo id -> state
         self._h2: dict[int, int] = {}  # velo id -> h2 id, only where they differ
@@ -361,15 +371,17 @@ class H2Session:
         n = len(data)
         try:
             k = min(n, conn.local_flow_control_window(sid))
+            frame = conn.max_outbound_frame_size
+            view = memoryview(data)
+            for off in range(0, k, frame):
+                end = min(off + frame, k)
+                conn.send_data(sid, bytes(view[off:end]), end_stream=fin and end == n)
+            if fin and k == n and n == 0:
+                conn.end_stream(sid)
         except h2.exceptions.StreamClosedError:
             raise StreamClosedError(f"HTTP/2 stream {sid} is closed") from None
-        frame = conn.max_outbound_frame_size
-        view = memoryview(data)
-        for off in range(0, k, frame):
-            end = min(off + frame, k)
-            conn.send_data(sid, bytes(view[off:end]), end_stream=fin and end == n)
-        if fin and k == n and n == 0:
-            conn.end_stream(sid)
+        except h2.exceptions.ProtocolError:
+            return 0  # the connection is closing; its loss resets every stream
         return k
 
     def send_data(self, stream_id: int, data, *, end_stream: bool = False) -> int:
@@ -551,24 +563,31 @@ class _H2Pipe(asyncio.Protocol):
             self.transport.abort()
 
 
+class H2Table(BackendTable):
+    """``[tunnel.h2]``: the gateway's HTTP/2 endpoint (``http://`` h2c or ``https://``)."""
+
+    url: url_for("http", "https")  # type: ignore[valid-type]
+    ca_file: str | None = None
+    """https://: trust only this CA bundle (PEM) instead of the system's trust store."""
+    server_name: str | None = None
+    """https://: the name the gateway's certificate must carry, if not the URL's host."""
+
+
 class H2Backend(TunnelBackend):
     name = "h2"
     schemes = ("http", "https")
     description = "HTTP/2 CONNECT (http:// h2c prior knowledge, https:// TLS with ALPN h2)"
 
-    async def connect(self, url, token, sink_factory: SinkFactory, *, timeout, ssl_context=None,
-                      server_name: str | None = None):
+    async def connect(self, endpoint: Endpoint, sink_factory: SinkFactory, *, timeout: float):
+        url, token = endpoint.url, endpoint.token
         parts = urlsplit(url)
         if parts.scheme not in self.schemes or not parts.hostname:
             raise TunnelError(f"{url}: the h2 backend needs http:// or https://HOST[:PORT][/PATH]")
         port = parts.port or (443 if parts.scheme == "https" else 80)
-        ctx = None
-        if parts.scheme == "https":
-            try:
-                ctx = ssl_context or client_context(alpn=["h2"])
-            except TLSConfigError as exc:
-                raise TunnelError(str(exc)) from None
-            ctx.set_alpn_protocols(["h2"])
+        try:
+            ctx, server_name = tls.for_endpoint(endpoint, secure=parts.scheme == "https", alpn=["h2"])
+        except tls.TLSConfigError as exc:
+            raise TunnelError(str(exc)) from None
         loop = asyncio.get_running_loop()
         authority = f"{parts.hostname}:{port}"
         try:
@@ -609,3 +628,8 @@ class H2Backend(TunnelBackend):
 @hookimpl
 def velo_tunnel_backends():
     return [H2Backend()]
+
+
+@hookimpl
+def velo_config_tables():
+    return {"tunnel.h2": H2Table}
