@@ -20,6 +20,7 @@ import time
 
 from velo import protocol
 from velo.channel import MessageChannel
+from velo.mux import SessionClosedError
 from velo.plugins import backend_for_scheme
 from velo.transport import GatewayListen
 from velo.tunnel import AcceptedBridge, Refused, StreamStats, Tunnel
@@ -67,7 +68,10 @@ class ReverseListener:
             transport.abort()
             return
         peer = transport.get_extra_info("peername") or ("?", 0)
-        tunnel.open(bridge, {"op": protocol.OP_REVERSE, "name": self.name, "peer": f"{peer[0]}:{peer[1]}"})
+        try:
+            tunnel.open(bridge, {"op": protocol.OP_REVERSE, "name": self.name, "peer": f"{peer[0]}:{peer[1]}"})
+        except SessionClosedError:  # the tunnel is going away; the client reconnects
+            transport.abort()
 
     def close(self) -> None:
         if self.server is not None:

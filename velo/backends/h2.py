@@ -169,6 +169,8 @@ class H2Session:
         try:
             h2_events = self.conn.receive_data(bytes(data))
         except h2.exceptions.ProtocolError as exc:
+            if self._go_away_received or self._go_away_sent:
+                return []  # h2 closes the connection at GOAWAY; the tunnel is closing it too
             self._failed = ProtocolError(f"HTTP/2: {exc}")
             raise self._failed from None
         out: list = []
