@@ -9,7 +9,6 @@ test -> gateway's reverse port -> tunnel -> velo up -> local candidate  (reverse
 from __future__ import annotations
 
 import asyncio
-import errno
 import hashlib
 import os
 import signal
