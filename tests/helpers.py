@@ -189,13 +189,15 @@ class Up:
 
 def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None = None,
                  local: dict[str, tuple[int, int]] | None = None, backend: str = "websocket",
-                 extra: str = "", token_env: str = "VELO_TEST_TOKEN") -> Path:
-    """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)}."""
+                 extra: str = "", token_env: str = "VELO_TEST_TOKEN", settings: dict | None = None) -> Path:
+    """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)};
+    ``settings`` are more keys of the backend's own table (e.g. ca_file)."""
     lines = [
         '[project]', 'name = "test"', '',
         '[tunnel]', f'token_env = "{token_env}"',
         'reconnect_max_delay = 0.5', 'keepalive_interval = 1.0', 'keepalive_timeout = 3.0', '',
-        f'[tunnel.{backend}]', f'url = "{gateway_url}"', '',
+        f'[tunnel.{backend}]', f'url = "{gateway_url}"',
+        *(f"{key} = {json.dumps(value)}" for key, value in (settings or {}).items()), '',
     ]
     for name, (port, expose) in (local or {}).items():
         lines += [f"[local.{name}]", f"port = {port}", f"expose = {expose}", ""]

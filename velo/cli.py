@@ -300,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--token-env", default="VELO_TOKEN", metavar="NAME",
                    help="environment variable holding the bearer token (default: VELO_TOKEN)")
     p.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file instead")
+    p.add_argument("--tls-cert", metavar="PEM", help="certificate chain for wss:// and https:// listeners")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--reverse-host", default="0.0.0.0", metavar="ADDR",
                    help="address reverse listeners bind to (default: 0.0.0.0)")
     p.add_argument("--keepalive-interval", type=float, default=5.0, metavar="SECONDS")

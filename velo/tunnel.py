@@ -21,6 +21,7 @@ from typing import Awaitable, Callable
 
 from velo import protocol
 from velo.channel import MessageChannel
+from velo.mux.window import WindowTuner
 from velo.mux import (
     DataReceived,
     GoAwayReceived,
@@ -79,7 +80,10 @@ class Tunnel:
         label: str = "tunnel",
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.session = Session(client=client)
+        self.client = client
+        # Receive windows grow with the measured round trip (velo/mux/window.py).
+        self.window_tuner = WindowTuner()
+        self.session = Session(client=client, tuner=self.window_tuner)
         self.resolve = resolve
         self.label = label
         self.pipe: TunnelPipe | None = None
@@ -102,6 +106,10 @@ class Tunnel:
 
     def connection_made(self, pipe: TunnelPipe) -> None:
         self.pipe = pipe
+        new_session = getattr(pipe, "new_session", None)
+        if new_session is not None:
+            # The backend multiplexes natively (HTTP/2): its streams replace yamux here.
+            self.session = new_session(client=self.client, tuner=self.window_tuner)
         if not self.connected.done():
             self.connected.set_result(None)
         self._ping_sent[self.session.ping()] = time.monotonic()  # first RTT right away
@@ -141,6 +149,7 @@ class Tunnel:
                 sent = self._ping_sent.pop(event.opaque, None)
                 if sent is not None:
                     self.rtt = time.monotonic() - sent
+                    self.window_tuner.observe_rtt(self.rtt)
             elif kind is PingReceived:
                 pass  # the session queued the reply
             elif kind is GoAwayReceived:

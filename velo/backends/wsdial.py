@@ -63,6 +63,7 @@ async def dial(
     timeout: float,
     headers: Mapping[str, str] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
     logger_name: str = "velo.websocket",
     rejected: str = "the gateway rejected the token",
 ) -> WSListener:
@@ -91,6 +92,7 @@ async def dial(
                 max_redirects=0,
                 socket_factory=socket_factory,
                 logger_name=logger_name,
+                **({"server_hostname": server_hostname} if server_hostname and ssl_context else {}),
             )
         return listener
     except BaseException as exc:
