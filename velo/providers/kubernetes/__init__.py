@@ -297,6 +297,7 @@ class KubernetesSession(ProviderSession):
                     "--listen", f"ws://0.0.0.0:{tunnel_port}/velo", "--token-env", "VELO_TOKEN",
                     "--allow", f"*.{self.namespace}.svc.cluster.local:*",
                     "--session", self.session, "--lease-check", "2",
+                    *(arg for p in target_ports for arg in ("--allow-reverse", str(p))),
                 ]
                 container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port}] + [
                     {"containerPort": p, **({"name": names[p]} if p in names else {})} for p in target_ports
