@@ -7,7 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
-from velo.gateway import AllowList, Gateway, parse_listen_url
+from velo.gateway import AllowList, Gateway, Limits, PortAllowList, parse_listen_url
 from velo.plugins import PluginError
 from velo.runtime import run
 
@@ -94,6 +94,11 @@ def serve(args, token: str) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     contexts = tls_contexts(urls, args.tls_cert, args.tls_key)
+    try:
+        reverse_policy = PortAllowList(getattr(args, "allow_reverse", None) or [])
+        limits = Limits.parse(getattr(args, "limit", None) or [])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
     async def main() -> int:
         gateway = Gateway(
@@ -102,6 +107,8 @@ def serve(args, token: str) -> int:
             reverse_host=args.reverse_host,
             keepalive_interval=args.keepalive_interval,
             keepalive_timeout=args.keepalive_timeout,
+            reverse_policy=reverse_policy,
+            limits=limits,
         )
         bound = []
         for url in urls:
@@ -114,7 +121,7 @@ def serve(args, token: str) -> int:
             sock = server.sockets[0].getsockname()
             scheme, listen = parse_listen_url(url)
             bound.append(f"{scheme}://{sock[0]}:{sock[1]}{listen.path}")
-        log.info("listening on %s; %d allow rule(s)", ", ".join(bound), len(args.allow))
+        log.info("listening on %s; %d allow rule(s); reverse ports: %s", ", ".join(bound), len(args.allow), reverse_policy)
         if args.ready_file:
             Path(args.ready_file).write_text("\n".join(bound) + "\n")
         stop = asyncio.Event()

@@ -336,6 +336,7 @@ class KubernetesSession(ProviderSession):
                     "--allow", f"*.{self.namespace}.svc.cluster.local:*",
                     *[arg for alias in aliases for arg in ("--allow", alias)],
                     "--session", self.session, "--lease-check", "2",
+                    *(arg for p in proxy_ports for arg in ("--allow-reverse", str(p))),
                 ]
                 container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port}] + [
                     {"containerPort": p} for p in proxy_ports
