@@ -164,8 +164,9 @@ def test_example_file_mentions_every_key() -> None:
     text = (REPO / "velocity.toml.example").read_text()
     models = [VelocityConfig, ClusterConfig, TunnelConfig, LocalService, RemoteService, EnvConfig]
     from velo.config import ProjectConfig, RemoteConfig
+    from velo.config.models import ComposeConfig
 
-    models += [ProjectConfig, RemoteConfig]
+    models += [ProjectConfig, RemoteConfig, ComposeConfig]
     missing = [
         f"{model.__name__}.{name}"
         for model in models

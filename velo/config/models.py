@@ -33,6 +33,7 @@ __all__ = [
     "RemoteService",
     "RemoteConfig",
     "EnvConfig",
+    "ComposeConfig",
     "VelocityConfig",
     "STATIC_PROVIDER",
 ]
@@ -420,6 +421,9 @@ class RemoteConfig(_Model):
     include: NameList = Field(default_factory=lambda: ["*"])
     exclude: NameList = Field(default_factory=list)
     services: dict[DnsName, RemoteService] = Field(default_factory=dict)
+    # Address the forward listeners bind to. Loopback by default; "0.0.0.0" opens them to
+    # the network (velo up says so). `velo up --compose` binds the docker bridge instead.
+    listen: Host = "127.0.0.1"
 
 
 class EnvConfig(_Model):
@@ -428,6 +432,15 @@ class EnvConfig(_Model):
     file: Text = ".env"
     format: Annotated[Literal["dotenv", "shell", "json"], BeforeValidator(_env_format)] = "dotenv"
     vars: dict[EnvName, EnvValue] = Field(default_factory=dict)
+
+
+class ComposeConfig(_Model):
+    """``[compose]``: containerized candidates run by Docker Compose (`velo compose`)."""
+
+    files: NameList = Field(default_factory=list)   # default: Compose's own lookup
+    override: NonEmpty = "docker-compose.velo.yml"
+    # candidate name = Compose service name, where they differ
+    services: dict[DnsName, NonEmpty] = Field(default_factory=dict)
 
 
 class VelocityConfig(_Model):
@@ -443,6 +456,7 @@ class VelocityConfig(_Model):
     local: dict[DnsName, LocalService] = Field(default_factory=dict)
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
+    compose: ComposeConfig = Field(default_factory=ComposeConfig)
 
     _source_path: Path | None = PrivateAttr(default=None)
 
@@ -466,6 +480,10 @@ class VelocityConfig(_Model):
                         "it cannot also be a remote service",
                     )
                 )
+        for name in self.compose.services:
+            if name not in self.local:
+                problems.append((("compose", "services", name),
+                                 f"{show_value(name)} is not a development candidate (add [local.{name}])"))
         for name, svc in self.remote.services.items():
             if static and svc.target is None:
                 problems.append((("remote", "services", name, "target"), why))
