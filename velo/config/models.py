@@ -267,6 +267,17 @@ class ProjectConfig(_Model):
     name: DnsName
 
 
+PROXY_IMAGE_REPOSITORY = "ghcr.io/velo-dev/velo-proxy"
+
+
+def default_proxy_image() -> str:
+    """The traffic-proxy image .github/workflows/release.yml publishes for this exact velo
+    version: the client and the gateway speak the same protocol revision."""
+    from velo import __version__
+
+    return f"{PROXY_IMAGE_REPOSITORY}:{__version__}"
+
+
 class ClusterConfig(_Model):
     """``[cluster]``: which provider plugin talks to the cluster, plus kubernetes knobs."""
 
@@ -274,7 +285,9 @@ class ClusterConfig(_Model):
     context: Text = ""
     namespace: Text = ""
     lease_seconds: LeaseSeconds = 30
-    proxy_image: NonEmpty = "ghcr.io/velo-dev/velo-proxy:0.1.0"
+    proxy_image: NonEmpty = Field(default_factory=default_proxy_image)
+    # Secrets (docker-registry type, in the session's namespace) for a private proxy_image
+    image_pull_secrets: NameList = Field(default_factory=list)
     ready_timeout: Seconds = 120.0
 
     @property

@@ -301,6 +301,9 @@ class KubernetesSession(ProviderSession):
                 container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port}] + [
                     {"containerPort": p, **({"name": names[p]} if p in names else {})} for p in target_ports
                 ]
+                pull_secrets = self.config.cluster.image_pull_secrets
+                if pull_secrets:
+                    doc["spec"]["template"]["spec"]["imagePullSecrets"] = [{"name": n} for n in pull_secrets]
                 probe = container.get("readinessProbe", {}).get("httpGet")
                 if probe:
                     probe["port"] = tunnel_port
