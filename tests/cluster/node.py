@@ -184,12 +184,91 @@ def _net_main(state: Path) -> int:
             threading.Thread(target=handle, args=(c,), daemon=True).start()
 
     threading.Thread(target=accept, daemon=True).start()
+    _start_dns(netns, info)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     (state / "node-net.ready").write_text(str(os.getpid()))
     print(f"node-net: ready (egress {sock_path}, apiserver relays in {netns})", flush=True)
     stop.wait()
     return 0
+
+
+def _start_dns(netns: str, info: dict) -> None:
+    """Cluster DNS stand-in (no CoreDNS image here): A records for `svc.ns.svc.cluster.local`
+    from the Services in the cluster (polled each second), served on NODE_IP:53 inside the
+    netns, which is the kubelet's clusterDNS. Anything else: NXDOMAIN."""
+    import ssl
+    import struct
+    import urllib.request
+    from tests.cluster.podrunner import netns_socket  # noqa: F401 (same setns trick, UDP)
+
+    records: dict[str, str] = {}
+    pki = Path(info["pki"])
+    ctx = ssl.create_default_context(cafile=str(pki / "ca.crt"))
+    ctx.load_cert_chain(str(pki / "admin.crt"), str(pki / "admin.key"))
+
+    def poll() -> None:
+        while True:
+            try:
+                with urllib.request.urlopen(f"https://127.0.0.1:{info['api_port']}/api/v1/services",
+                                            context=ctx, timeout=10) as r:
+                    items = json.loads(r.read())["items"]
+                new = {}
+                for svc in items:
+                    ip = svc["spec"].get("clusterIP")
+                    if ip and ip != "None":
+                        new[f"{svc['metadata']['name']}.{svc['metadata']['namespace']}.svc.cluster.local"] = ip
+                records.clear()
+                records.update(new)
+            except Exception as e:  # noqa: BLE001 - apiserver not up yet / stopping
+                print(f"node-net: dns poll: {e!r}", flush=True)
+            time.sleep(1)
+
+    def answer(q: bytes) -> bytes | None:
+        if len(q) < 12:
+            return None
+        qid, flags, qd = struct.unpack("!HHH", q[:6])
+        if qd != 1:
+            return None
+        i, labels = 12, []
+        while i < len(q) and q[i]:
+            labels.append(q[i + 1:i + 1 + q[i]].decode(errors="replace"))
+            i += 1 + q[i]
+        qtype = struct.unpack("!H", q[i + 1:i + 3])[0]
+        question = q[12:i + 5]
+        name = ".".join(labels).lower().rstrip(".")
+        ip = records.get(name)
+        rcode = 0 if ip else 3
+        ans = b""
+        if ip and qtype == 1:
+            ans = b"\xc0\x0c" + struct.pack("!HHIH", 1, 1, 5, 4) + socket.inet_aton(ip)
+        hdr = struct.pack("!HHHHHH", qid, 0x8180 | (flags & 0x0100) | rcode, 1, 1 if ans else 0, 0, 0)
+        return hdr + question + ans
+
+    from tests.cluster.podrunner import _setns
+    own = os.open(f"/proc/self/task/{threading.get_native_id()}/ns/net", os.O_RDONLY)
+    target = os.open(f"/var/run/netns/{netns}", os.O_RDONLY)
+    try:
+        _setns(target)
+        try:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        finally:
+            _setns(own)
+    finally:
+        os.close(own)
+        os.close(target)
+    udp.bind((NODE_IP, 53))
+
+    def serve() -> None:
+        while True:
+            data, addr = udp.recvfrom(4096)
+            with contextlib.suppress(Exception):
+                reply = answer(data)
+                if reply:
+                    udp.sendto(reply, addr)
+
+    threading.Thread(target=poll, daemon=True).start()
+    threading.Thread(target=serve, daemon=True).start()
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,7 +347,8 @@ class RealNode:
         kubelet_port, healthz_port, proxy_health, proxy_metrics = _free_ports_in(self.netns, 4)
         info = {"netns": self.netns, "api_port": api_port, "egress_sock": str(self.run_dir / "egress.sock"),
                 "node_name": self.name, "node_ip": self.ip, "cgroup_root": self.cgroup_root,
-                "run_dir": str(self.run_dir), "kubelet_port": kubelet_port, "bin_dir": str(self.bin)}
+                "run_dir": str(self.run_dir), "kubelet_port": kubelet_port, "bin_dir": str(self.bin),
+                "pki": str(self.cluster.pki)}
         (self.state / "node.json").write_text(json.dumps(info, indent=1))
 
         # 1. addresses: the node IP on a dummy device (default route on it), forwarding on
@@ -378,6 +458,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "failCgroupV1": False, "cgroupDriver": "cgroupfs", "cgroupRoot": self.cgroup_root,
             "cgroupsPerQOS": True, "enforceNodeAllocatable": ["pods"],
             "failSwapOn": False, "resolvConf": str(resolv), "clusterDomain": "cluster.local",
+            "clusterDNS": [self.ip],  # node-net's DNS stand-in
             "podLogsDirectory": str(self.state / "pod-logs"),
             "registerNode": True, "serializeImagePulls": False,
             # the imported images must never be garbage-collected (they cannot be pulled again)

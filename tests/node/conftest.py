@@ -79,8 +79,9 @@ def pause_image(request, docker_engine) -> str:
 
 
 class RealNodeHandle:
-    def __init__(self, cluster: harness.Cluster, node: nodemod.RealNode):
+    def __init__(self, cluster: harness.Cluster, node: nodemod.RealNode, proxy_image: str):
         self.cluster = cluster
+        self.proxy_image = proxy_image
         self.node = node
         self.kubeconfig = cluster.kubeconfig
         self.core = cluster.core
@@ -106,7 +107,7 @@ def real_node(request, proxy_image, app_image, pause_image) -> Iterator[RealNode
             c.start(owner_pid=os.getpid(), netns=True, fake_node=False,
                     apiserver_args=nodemod.node_apiserver_args(state))
             n = nodemod.RealNode(c).start(images=[nodemod.PAUSE_IMAGE, proxy_image, app_image])
-        yield RealNodeHandle(c, n)
+        yield RealNodeHandle(c, n, proxy_image)
     except (harness.ClusterError, subprocess.CalledProcessError) as e:
         pytest.fail(f"starting the real node failed (logs in {state}/logs, {state}/node/logs):\n{e}", pytrace=False)
     finally:

@@ -114,3 +114,15 @@ def _get(port: int, path: str) -> bytes:
 def _logs(name: str) -> str:
     r = subprocess.run(["docker", "logs", "--tail", "30", name], capture_output=True, text=True, timeout=30)
     return r.stdout + r.stderr
+
+
+def test_platform_manifests_are_generated_from_the_template_velo_renders():
+    """proxy/manifests/*.yaml are what `velo up` creates (same template): regenerate to compare."""
+    check = subprocess.run([sys.executable, str(ROOT / "proxy/manifests/generate.py"), "--check"],
+                           capture_output=True, text=True, timeout=60)
+    assert check.returncode == 0, check.stderr
+    role = next(d for d in yaml.safe_load_all((ROOT / "proxy/manifests/role.yaml").read_text()) if d["kind"] == "Role")
+    template_role = next(d for d in yaml.safe_load_all(TEMPLATE.read_text().replace("${", "{")) if d and d["kind"] == "Role")
+    assert role["rules"] == template_role["rules"]
+    install = [d["kind"] for d in yaml.safe_load_all((ROOT / "proxy/manifests/install.yaml").read_text()) if d]
+    assert install == [d["kind"] for d in yaml.safe_load_all(TEMPLATE.read_text().replace("${", "{")) if d]
