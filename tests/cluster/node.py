@@ -15,7 +15,7 @@ Network layout (everything with an address is inside the cluster's network names
     apiserver --egress (HTTP CONNECT  -> dials NODE_IP:KUBELET_PORT inside the netns
       over a unix socket, like            (logs, exec, port-forward: the real kubelet path)
       konnectivity)
-                                         dummy velo0 NODE_IP/32, default route on it
+                                         veth velo0 NODE_IP/32, default route on it
                                          bridge cni0 10.244.0.1/24 <-> pod netns (CNI bridge)
                                          containerd, kubelet, kube-proxy (iptables), all in this
                                          netns but in the host's mount namespace (nsenter --net)
@@ -351,8 +351,10 @@ class RealNode:
                 "pki": str(self.cluster.pki)}
         (self.state / "node.json").write_text(json.dumps(info, indent=1))
 
-        # 1. addresses: the node IP on a dummy device (default route on it), forwarding on
-        self.ip_netns("link", "add", "velo0", "type", "dummy")
+        # 1. addresses: the node IP on its own device (default route on it), forwarding on
+        # (no `dummy` module in this kernel: a veth pair with both ends in the netns does the same)
+        self.ip_netns("link", "add", "velo0", "type", "veth", "peer", "name", "velo1")
+        self.ip_netns("link", "set", "velo1", "up")
         self.ip_netns("link", "set", "velo0", "up")
         self.ip_netns("addr", "add", f"{self.ip}/32", "dev", "velo0")
         self.ip_netns("route", "add", "default", "dev", "velo0")
@@ -376,6 +378,7 @@ class RealNode:
         # 4. CNI, kubelet, kube-proxy
         self._write_cni_config()
         self._write_kubelet_config(kubelet_port, healthz_port)
+        _make_cgroup_root(self.cgroup_root)
         self._spawn("kubelet", [str(self.bin / "kubelet"),
                                 f"--config={self.state / 'kubelet.yaml'}",
                                 f"--kubeconfig={self.cluster.kubeconfig}", f"--hostname-override={self.name}",
@@ -417,6 +420,9 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     sandbox = "{PAUSE_IMAGE}"
 [plugins.'io.containerd.cri.v1.runtime']
   enable_selinux = false
+  # this machine's root lacks CAP_SYS_RESOURCE: runc cannot lower oom_score_adj (the pause
+  # container asks for -998), so keep every container's at or above containerd's own
+  restrict_oom_score_adj = true
   netns_mounts_under_state_dir = true
   [plugins.'io.containerd.cri.v1.runtime'.containerd]
     default_runtime_name = "runc"
@@ -459,7 +465,7 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             "cgroupsPerQOS": True, "enforceNodeAllocatable": ["pods"],
             "failSwapOn": False, "resolvConf": str(resolv), "clusterDomain": "cluster.local",
             "clusterDNS": [self.ip],  # node-net's DNS stand-in
-            "podLogsDirectory": str(self.state / "pod-logs"),
+            "podLogsDir": str(self.state / "pod-logs"),
             "registerNode": True, "serializeImagePulls": False,
             # the imported images must never be garbage-collected (they cannot be pulled again)
             "imageGCHighThresholdPercent": 100, "imageGCLowThresholdPercent": 99,
@@ -553,6 +559,20 @@ def _cgroup_dirs(root: str) -> list[Path]:
         if d.is_dir():
             out.append(d)
     return out
+
+
+def _make_cgroup_root(root: str) -> None:
+    """The kubelet wants its cgroupRoot to exist in every v1 hierarchy; a new cpuset cgroup
+    starts with no CPUs or memory nodes, so copy the parent's."""
+    base = Path("/sys/fs/cgroup")
+    for ctl in sorted(base.iterdir()):
+        if not (ctl / "cgroup.procs").exists() or ctl.name == "unified":
+            continue
+        d = ctl / root.lstrip("/")
+        d.mkdir(exist_ok=True)
+        for f in ("cpuset.cpus", "cpuset.mems"):
+            if (ctl / f).exists():
+                (d / f).write_text((ctl / f).read_text())
 
 
 def teardown_node(state: Path) -> None:
