@@ -17,7 +17,7 @@ PY=${PY:-$ROOT/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
 log() { echo "velo-image: $*" >&2; }
 
-TAG=${1:-$("$PY" -c 'from velo.config.models import default_proxy_image; print(default_proxy_image())')}
+TAG=${1:-$("$PY" -c 'from velo.providers.kubernetes.settings import default_proxy_image; print(default_proxy_image())')}
 CACHE=${VELO_IMAGE_CACHE:-$HOME/.cache/velo/images}
 mkdir -p "$CACHE"
 

@@ -14,7 +14,7 @@ import yaml
 
 import velo
 from tests.helpers import TOKEN, wait_for, write_config
-from velo.config.models import PROXY_IMAGE_REPOSITORY, ClusterConfig, default_proxy_image
+from velo.providers.kubernetes.settings import PROXY_IMAGE_REPOSITORY, KubernetesTable, default_proxy_image
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "velo/providers/kubernetes/traffic-proxy.yaml"
@@ -41,7 +41,7 @@ def docker_run_flags(container: dict) -> list[str]:
 
 def test_default_proxy_image_is_the_one_release_publishes():
     assert default_proxy_image() == f"{PROXY_IMAGE_REPOSITORY}:{velo.__version__}"
-    assert ClusterConfig().proxy_image == default_proxy_image()
+    assert KubernetesTable().proxy_image == default_proxy_image()
     release = (ROOT / ".github/workflows/release.yml").read_text()
     assert f"tags: {PROXY_IMAGE_REPOSITORY}:${{{{ steps.version.outputs.version }}}}" in release
     assert "platforms: linux/amd64,linux/arm64" in release
