@@ -465,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "gateway restores the session's Services and removes its objects")
     p.add_argument("--lease-check", type=float, default=2.0, metavar="SECONDS",
                    help="how often to check the session's Lease (default: 2)")
+    p.add_argument("--version", action="version", version=f"velo {__version__}",
+                   help="print the version (the traffic-proxy image must match the client)")
     log_arg(p)
 
     p = add("demo", cmd_demo, "see velo work on this machine: no cluster, no config needed",
