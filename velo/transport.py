@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
 
 
@@ -28,7 +28,13 @@ class TunnelSink(Protocol):
 
 
 class TunnelPipe(Protocol):
-    """What a backend gives velo: the sending end of one tunnel connection."""
+    """What a backend gives velo: the sending end of one tunnel connection.
+
+    A backend whose protocol multiplexes natively (HTTP/2) may also offer
+    ``new_session(client=..., tuner=...)`` returning an object with
+    ``velo.mux.Session``'s sans-IO API; the tunnel then drives its streams
+    through that instead of running yamux over the pipe (velo/backends/h2.py).
+    """
 
     peer: str
 
@@ -63,11 +69,11 @@ class Endpoint:
 
     backend: str
     url: str
-    token: str
+    token: str = field(repr=False)  # never in a repr, a log line or a traceback
     settings: Any = None
     """The backend's validated ``[tunnel.<name>]`` table (None when built in code)."""
     ssl_context: ssl.SSLContext | None = None
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry credentials
     """Extra request headers, e.g. the Kubernetes apiserver's Authorization."""
     label: str = ""
     """What `velo status` shows instead of the URL (e.g. "pod velo-proxy-abc")."""

@@ -25,6 +25,7 @@ from picows import (
 from velo.backends.wsdial import MAX_MESSAGE, USE_AIOFASTNET, dial
 
 from velo.config.tables import BackendTable, url_for
+from velo import tls
 from velo.hookspecs import hookimpl
 from velo.transport import (
     Authenticator,
@@ -32,6 +33,7 @@ from velo.transport import (
     GatewayListen,
     SinkFactory,
     TunnelBackend,
+    TunnelError,
     TunnelSink,
 )
 
@@ -106,6 +108,10 @@ class WebSocketTable(BackendTable):
     """``[tunnel.websocket]``: where the gateway's WebSocket endpoint is (an Ingress, say)."""
 
     url: url_for("ws", "wss")  # type: ignore[valid-type]
+    ca_file: str | None = None
+    """wss://: trust only this CA bundle (PEM) instead of the system's trust store."""
+    server_name: str | None = None
+    """wss://: the name the gateway's certificate must carry, if not the URL's host."""
 
 
 class WebSocketBackend(TunnelBackend):
@@ -115,8 +121,12 @@ class WebSocketBackend(TunnelBackend):
 
     async def connect(self, endpoint: Endpoint, sink_factory: SinkFactory, *, timeout: float):
         headers = {"Authorization": f"Bearer {endpoint.token}", **dict(endpoint.headers)}
+        try:
+            ctx, server_name = tls.for_endpoint(endpoint, secure=endpoint.url.startswith("wss:"))
+        except tls.TLSConfigError as exc:
+            raise TunnelError(str(exc)) from None
         return await dial(endpoint.url, lambda: _WebSocketPipe(sink_factory()), timeout=timeout,
-                          headers=headers, ssl_context=endpoint.ssl_context)
+                          headers=headers, ssl_context=ctx, server_hostname=server_name)
 
     async def serve(self, listen: GatewayListen, authenticate: Authenticator, sink_factory: SinkFactory):
         path = listen.path.encode() or b"/"

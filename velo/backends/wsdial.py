@@ -33,6 +33,7 @@ async def dial(
     timeout: float,
     headers: Mapping[str, str] | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
     logger_name: str = "velo.websocket",
     rejected: str = "the gateway rejected the token",
 ) -> WSListener:
@@ -53,6 +54,7 @@ async def dial(
                 max_redirects=0,
                 logger_name=logger_name,
                 use_aiofastnet=USE_AIOFASTNET,
+                **({"server_hostname": server_hostname} if server_hostname and ssl_context else {}),
             )
         if _transport.is_disconnected:
             # picows resolves the handshake as done when the peer hangs up during it,

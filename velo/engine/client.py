@@ -25,6 +25,7 @@ from typing import Awaitable, Callable
 
 from velo import protocol
 from velo.channel import MessageChannel
+from velo.mux import SessionClosedError
 from velo.plugins import get_backend
 from velo.provider import Endpoint
 from velo.transport import TunnelError
@@ -260,6 +261,9 @@ class TunnelClient:
         if not self._stopping:
             self._said_down = True
             log.warning("tunnel down: %s (reconnecting)", reason)
+            if self.reverse_wanted:  # what the cluster sends to this laptop is lost meanwhile
+                log.warning("no route to this laptop for %s until the tunnel is back",
+                            ", ".join(r["name"] for r in self.reverse_wanted))
 
     # ---- streams ----------------------------------------------------------------
 
@@ -267,8 +271,13 @@ class TunnelClient:
         """Send a new local connection through the tunnel, or hold it until the tunnel is back."""
         tunnel = self.tunnel
         if tunnel is not None and tunnel.alive:
-            tunnel.open(bridge, header)
-            return
+            try:
+                tunnel.open(bridge, header)
+                return
+            except SessionClosedError as exc:
+                # Stream ids ran out, or the gateway is going away: a clean reconnect,
+                # and this connection waits for the new tunnel like any other.
+                tunnel.close(f"no new streams on this tunnel: {exc}")
         if self.wait_for_tunnel <= 0:
             bridge.transport.abort()
             return
