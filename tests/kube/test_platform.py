@@ -17,7 +17,7 @@ from kubernetes import client
 
 from tests.helpers import http_get, wait_for
 from tests.kube.ingress import request_via_service
-from tests.kube.shop import kube_config, service, velo, velo_objects
+from tests.kube.shop import kube_config, kube_up, service, velo, velo_objects
 from velo.providers.kubernetes import intercept as ix
 
 pytestmark = pytest.mark.cluster
@@ -76,7 +76,7 @@ def test_a_whole_session_as_a_user_bound_to_exactly_the_printed_role(cluster, na
     env = {"KUBECONFIG": str(kubeconfig)}
 
     # up, forward, reverse, down
-    up = procs.up(config, env=env)
+    up = kube_up(procs, config, env=env)
     assert f"{namespace}/backend".encode() in http_get(up.port("backend"))
     answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, REQUEST), 20,
                       "a request to the Service website:80")
@@ -93,7 +93,7 @@ def test_a_whole_session_as_a_user_bound_to_exactly_the_printed_role(cluster, na
     wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be gone")
 
     # kill -9: the traffic-proxy repairs with its own Role (restore, delete its Lease and Deployment)
-    again = procs.up(config, env=env)
+    again = kube_up(procs, config, env=env)
     session = service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
     proxy = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items[0]
     proxy_log = cluster.pod_process(namespace, proxy.metadata.name)["log"]

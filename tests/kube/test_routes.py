@@ -12,7 +12,7 @@ from kubernetes import client
 
 from tests.helpers import http_get, wait_for
 from tests.kube.ingress import request_via_service
-from tests.kube.shop import kube_config, velo, velo_objects
+from tests.kube.shop import kube_config, kube_up, velo, velo_objects
 from velo.providers.kubernetes import intercept as ix
 
 pytestmark = pytest.mark.cluster
@@ -60,7 +60,7 @@ def test_two_candidates_on_the_same_target_port_each_get_their_own_traffic(clust
     before = {name: spec_ports(cluster, namespace, name) for name in ("cart", "orders")}
     config = kube_config(tmp_path / "p", namespace, apps.url, exclude='"*"',
                          extra=local("cart", port=cart) + local("orders", port=orders))
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     for name, text in (("cart", b"cart on the laptop"), ("orders", b"orders on the laptop")):
         answer = wait_for(lambda: request_via_service(cluster, namespace, name, 80, request(name)), 20,
                           f"a request to the Service {name}:80")
@@ -76,7 +76,7 @@ def test_each_port_of_a_multi_port_service_reaches_its_own_local_port(cluster, n
     before = spec_ports(cluster, namespace, "multi")
     config = kube_config(tmp_path / "p", namespace, apps.url, exclude='"*"',
                          extra=local("multi", ports={"http": http, "alt": alt}))
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     for port, text in ((80, b"multi http"), (81, b"multi alt")):
         answer = wait_for(lambda: request_via_service(cluster, namespace, "multi", port, request("multi")), 20,
                           f"a request to the Service multi:{port}")
@@ -122,7 +122,7 @@ def test_an_external_name_service_is_forwarded_end_to_end(cluster, namespace, ap
                                       ports=[client.V1ServicePort(port=80)])))
         laptop = procs.server("http", text="laptop")
         config = kube_config(tmp_path / "p", namespace, apps.url, exclude='"ext"', extra=local("cart", port=laptop))
-        up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+        up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
         answer = http_get(up.port("billing"))
         assert answer.startswith(b"HTTP/1.0 200") and f"{other}/billing".encode() in answer, answer
         up.proc.signal(signal.SIGTERM)
