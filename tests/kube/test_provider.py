@@ -120,7 +120,7 @@ def test_concurrent_edit_survives_restore(cluster, namespace, shop, procs, tmp_p
     laptop = procs.server("http", text="laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    cluster.core.patch_namespacedservice("website", namespace, {
+    cluster.core.patch_namespaced_service("website", namespace, {
         "metadata": {"labels": {"team": "checkout"}, "annotations": {"note": "edited during intercept"}}})
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
@@ -129,7 +129,7 @@ def test_concurrent_edit_survives_restore(cluster, namespace, shop, procs, tmp_p
     assert svc.metadata.labels["team"] == "checkout"
     assert svc.metadata.annotations["note"] == "edited during intercept"
     assert not any(k.startswith("velo.dev/") for k in svc.metadata.annotations)
-    cluster.core.patch_namespacedservice("website", namespace, [
+    cluster.core.patch_namespaced_service("website", namespace, [
         {"op": "remove", "path": "/metadata/labels/team"}, {"op": "remove", "path": "/metadata/annotations/note"}])
 
 
@@ -151,12 +151,12 @@ def test_second_session_is_refused_with_the_holders_name(cluster, namespace, sho
 def test_services_appearing_while_up_runs_get_listeners(cluster, namespace, shop, procs, tmp_path):
     config = kube_config(tmp_path / "p", namespace, shop.url)
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    cluster.start_in_clusterservice("late", namespace, kind="http", port=80)
+    cluster.start_in_cluster_service("late", namespace, kind="http", port=80)
     try:
         port = wait_for(lambda: up.port("late"), 15, "a listener for the new Service")
         assert b"late" in http_get(port)
     finally:
-        cluster.stop_in_clusterservice("late", namespace)
+        cluster.stop_in_cluster_service("late", namespace)
     wait_for(lambda: "late" not in {f["name"] for f in up.status()["forwards"]}, 15, "the listener to go with the Service")
 
 
