@@ -229,3 +229,34 @@ def test_live_edits_restore_a_removed_candidate_and_refuse_what_needs_a_restart(
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
     wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")
+
+
+def put_back(cluster, namespace: str) -> None:
+    """What a GitOps sync or `kubectl apply` of the original manifest does."""
+    cluster.core.patch_namespaced_service("website", namespace, [
+        {"op": "replace", "path": "/spec/selector", "value": {"app": "website"}},
+        {"op": "replace", "path": "/spec/ports/0/targetPort", "value": "http"}])
+
+
+@pytest.mark.parametrize("on_drift", ["reapply", "warn"])
+def test_drift_is_noticed_from_the_watch(cluster, namespace, shop, procs, tmp_path, on_drift):
+    laptop = procs.server("http", text="laptop after drift")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop,
+                         cluster_extra=f'on_drift = "{on_drift}"\n')
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    assert intercepted(cluster, namespace)
+    put_back(cluster, namespace)
+    up.proc.wait_log("Service website was changed back by someone else", timeout=20)
+    if on_drift == "reapply":
+        wait_for(lambda: intercepted(cluster, namespace), 20, "velo to intercept the Service again")
+        answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, REQUEST), 20,
+                          "a request to the Service website:80")
+        assert answer.endswith(b"laptop after drift")
+    else:
+        assert 'cluster.on_drift = "warn"' in up.proc.log() and not intercepted(cluster, namespace)
+    assert up.proc.log().count("changed back by someone else") == 1, "one line per event"
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    svc = service(cluster, namespace)
+    assert svc.spec.selector == {"app": "website"} and svc.spec.ports[0].target_port == "http"
+    assert not any(k.startswith("velo.dev/") for k in (svc.metadata.annotations or {}))
