@@ -37,6 +37,7 @@ def apps(cluster, namespace, shop):
     svc("resolver", [client.V1ServicePort(name="dns-tcp", port=53, protocol="TCP"),
                      client.V1ServicePort(name="dns", port=53, protocol="UDP")], selector={"app": "resolver"})
     svc("manual", [client.V1ServicePort(port=80)])
+    svc("web80", [client.V1ServicePort(name="http", port=80, target_port=80)], selector={"app": "web80"})
     svc("alias", [client.V1ServicePort(port=443)], type="ExternalName", external_name="example.org")
     return shop
 
@@ -155,3 +156,19 @@ def test_env_expands_service_links_to_the_local_listeners_and_prints_warnings(cl
         assert result.stderr.count("[local.cart] env:") == 1, result.stderr  # once, not per re-discovery
     finally:
         cluster.apps.delete_namespaced_deployment("cart", namespace)
+
+
+def test_a_target_port_below_1024_works_for_the_non_root_proxy(cluster, namespace, apps, procs, tmp_path):
+    laptop = procs.server("http", text="port 80 on the laptop")
+    config = kube_config(tmp_path / "p", namespace, apps.url, exclude='"*"', extra=local("web80", port=laptop))
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    answer = wait_for(lambda: request_via_service(cluster, namespace, "web80", 80, request("web80")), 20,
+                      "a request to the Service web80:80")
+    assert answer.endswith(b"port 80 on the laptop")
+    pod = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_COMPONENT}={ix.COMPONENT}").items[0]
+    container = pod.spec.containers[0]
+    assert all(p.container_port >= 1024 for p in container.ports), "a non-root process cannot bind below 1024"
+    assert pod.spec.security_context.run_as_non_root and not container.security_context.allow_privilege_escalation
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    assert spec_ports(cluster, namespace, "web80") == [("http", 80, 80)]
