@@ -193,7 +193,8 @@ class Up:
 
 def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None = None,
                  local: dict[str, tuple[int, int]] | None = None, backend: str = "websocket",
-                 extra: str = "", token_env: str = "VELO_TEST_TOKEN", free_ports: bool = False) -> Path:
+                 extra: str = "", token_env: str = "VELO_TEST_TOKEN", free_ports: bool = False,
+                 keepalive: tuple[float, float] = (1.0, 3.0)) -> Path:
     """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)}.
 
     ``free_ports`` pins each remote's local port to a free one instead of velo's stable
@@ -201,7 +202,7 @@ def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None 
     lines = [
         '[project]', 'name = "test"', '',
         '[tunnel]', f'backend = "{backend}"', f'url = "{gateway_url}"', f'token_env = "{token_env}"',
-        'reconnect_max_delay = 0.5', 'keepalive_interval = 1.0', 'keepalive_timeout = 3.0', '',
+        'reconnect_max_delay = 0.5', f'keepalive_interval = {keepalive[0]}', f'keepalive_timeout = {keepalive[1]}', '',
     ]
     for name, (port, expose) in (local or {}).items():
         lines += [f"[local.{name}]", f"port = {port}", f"expose = {expose}", ""]
