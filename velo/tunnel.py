@@ -30,6 +30,7 @@ from velo.mux import (
     PongReceived,
     ProtocolError,
     Session,
+    SessionClosedError,
     StreamEnded,
     StreamOpened,
     StreamReset,
@@ -162,6 +163,8 @@ class Tunnel:
         self.max_accepting = max_accepting
         self.accepting = 0  # peer-opened streams still in header/dial
         self.dead = False   # torn down: nothing may be written to the pipe any more
+        self.reason_logged = False  # abort() already said why, once
+        self.going_away = False
         self.log_once = LogOnce()
 
     # ---- TunnelSink -------------------------------------------------------------
@@ -215,6 +218,7 @@ class Tunnel:
             elif kind is PingReceived:
                 pass  # the session queued the reply
             elif kind is GoAwayReceived:
+                self.going_away = True  # no new streams: `alive` is False from here on
                 self.close_reason = f"peer is going away (code {event.code})"
                 if self.pipe is not None:
                     self.loop.call_soon(self.pipe.close)
@@ -265,7 +269,7 @@ class Tunnel:
 
     @property
     def alive(self) -> bool:
-        return self.pipe is not None and not self.dead
+        return self.pipe is not None and not self.dead and not self.going_away
 
     @property
     def peer(self) -> str:
@@ -273,7 +277,13 @@ class Tunnel:
 
     def open(self, bridge: "Bridge", header: dict | bytes) -> None:
         """Attach a local connection as a new outgoing stream that starts with ``header``."""
-        sid = self.session.open_stream()
+        try:
+            sid = self.session.open_stream()
+        except SessionClosedError:  # the peer said go-away: this connection cannot be carried
+            bridge.stats.errors += 1
+            bridge.stats.last_error = "tunnel is closing"
+            bridge.tunnel_reset()
+            return
         self.streams[sid] = bridge
         bridge.attach(self, sid)
         data = protocol.encode_header(header)
@@ -309,6 +319,7 @@ class Tunnel:
         if self.dead or self.closed.done():
             return
         self.close_reason = reason
+        self.reason_logged = True
         log.warning("%s: closing tunnel: %s", self.label, reason)
         self._teardown()
         if self.pipe is not None:
