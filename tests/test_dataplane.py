@@ -8,6 +8,8 @@ The path under test is always  test -> velo up's listener -> tunnel -> gateway -
 from __future__ import annotations
 
 import asyncio
+import json
+import sys
 import hashlib
 import os
 import signal
@@ -721,3 +723,44 @@ def test_caps_on_streams_header_control_and_tunnels(procs, tmp_path):
                           free_ports=True)
     up = procs.up(config)
     assert echo_burst(up.port("echo"), 3, 1024) == {"ok": 3}
+
+
+def test_control_socket_directory_must_be_private(procs, tmp_path, monkeypatch):
+    """Another user (or a careless chmod) must not be able to plant the socket velo talks to."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # velo up and the test's status calls agree
+    base = runtime / f"velo-{os.getuid()}"
+    base.mkdir(mode=0o777)
+    base.chmod(0o777)
+    http = procs.server("http", text="x")
+    gateway = procs.gateway(f"127.0.0.1:{http}")
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
+                          free_ports=True)
+    proc = procs.start("up", [sys.executable, "-m", "velo", "up", "-c", str(config)], cwd=tmp_path)
+    assert proc.wait(30) != 0
+    assert f"{base} is open to other users (mode 777)" in proc.log(), proc.log()
+    assert "Traceback" not in proc.log()
+    base.chmod(0o700)
+    up = procs.up(config)
+    assert up.proc.running()
+
+
+def test_token_never_shows_in_repr_logs_errors_or_status(procs, tmp_path):
+    from velo.provider import Endpoint
+
+    secret = "s3cret-token-that-must-not-leak"
+    assert secret not in repr(Endpoint("websocket", "ws://gw/velo", secret))
+    http = procs.server("http", text="x")
+    gateway = procs.gateway(f"127.0.0.1:{http}", token=secret, extra=["--log-level", "debug"])
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
+                          free_ports=True, token_env="LEAKY_TOKEN")
+    up = procs.up(config, env={"LEAKY_TOKEN": secret})
+    assert http_get(up.port("web")).endswith(b"x")
+    gateway.proc.signal(signal.SIGKILL)  # errors and reconnect attempts get logged
+    up.wait_state("reconnecting")
+    status = status_cli(up.config)
+    assert secret not in json.dumps(status)
+    up.proc.stop()
+    for proc in procs.all:
+        assert secret not in proc.log(), f"the token is in {proc.name}'s log"

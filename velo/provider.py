@@ -8,7 +8,7 @@ through providers registered by the ``velo_cluster_providers`` hook.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator, ClassVar
 
 from velo.plan import Inventory
@@ -20,7 +20,7 @@ class Endpoint:
 
     backend: str
     url: str
-    token: str
+    token: str = field(repr=False)  # never in a repr, a log line or an error
 
 
 class ProviderError(Exception):
