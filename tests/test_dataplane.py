@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import sys
-import hashlib
 import os
 import signal
 import socket
+import sys
 import time
 
 import psutil
 import pytest
 
+# Large transfers, 500 streams, the stalled reader, restarts, bad tokens and silent peers
+# are checked for every backend in tests/conformance/.
 from tests.helpers import TOKEN, free_port, http_get, status_cli, wait_for, write_config
-from tests.servers import blob_digest
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -60,29 +60,6 @@ def echo_burst(port: int, connections: int, size: int, timeout: float = 120) -> 
     return dict(collections.Counter(uvloop.run(main())))
 
 
-def fetch_all(port: int, send: bytes = b"", timeout: float = 60) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        if send:
-            sock.sendall(send)
-        sock.shutdown(socket.SHUT_WR)
-        chunks = []
-        while chunk := sock.recv(1 << 20):
-            chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def sha256_stream(port: int, size: int, timeout: float = 120) -> str:
-    """Download through a listener and hash as it arrives (never holds it all)."""
-    digest = hashlib.sha256()
-    got = 0
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
-        while chunk := sock.recv(1 << 20):
-            digest.update(chunk)
-            got += len(chunk)
-    assert got == size
-    return digest.hexdigest()
-
-
 @pytest.fixture
 def mesh(procs, tmp_path):
     """A gateway, an echo and an HTTP target, a local candidate, and velo up between them."""
@@ -119,100 +96,7 @@ def test_forward_and_reverse_requests(mesh):
     assert web["total"] >= 1 and web["bytes_down"] > 0
 
 
-@pytest.mark.slow
-def test_64mib_forward_and_reverse_are_byte_identical(procs, tmp_path):
-    size = 64 * MiB
-    blob = procs.server("blob", size=size)
-    sink = procs.server("sink")
-    local_blob = procs.server("blob", size=size)
-    expose = free_port()
-    gateway = procs.gateway(f"127.0.0.1:{blob}", f"127.0.0.1:{sink}", allow_reverse=[expose])
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url,
-                          remote={"blob": f"127.0.0.1:{blob}", "sink": f"127.0.0.1:{sink}"},
-                          local={"candidate": (local_blob, expose)}, free_ports=True)
-    up = procs.up(config)
-    wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")
-    expected = blob_digest(size)
-    assert sha256_stream(up.port("blob"), size) == expected          # forward, download
-    assert sha256_stream(expose, size) == expected                   # reverse, download
-    payload = b"".join(__import__("tests.servers", fromlist=["x"]).blob_chunks(size, seed=11))
-    answer = fetch_all(up.port("sink"), payload)                     # forward, upload
-    assert answer.decode() == hashlib.sha256(payload).hexdigest()
-
-
-def test_500_concurrent_streams_echo_their_own_data(mesh):
-    up, _, _ = mesh
-    port = up.port("echo")
-
-    async def one(i: int) -> bool:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        payload = os.urandom(1024 + i * 37)
-        writer.write(payload)
-        await writer.drain()
-        got = await asyncio.wait_for(reader.readexactly(len(payload)), 60)
-        writer.close()
-        return got == payload
-
-    async def main():
-        return await asyncio.gather(*(one(i) for i in range(500)))
-
-    results = asyncio.run(main())
-    assert all(results) and len(results) == 500
-    wait_for(lambda: up.forward("echo")["open"] == 0, 10, "all echo streams to close")
-    assert up.forward("echo")["total"] >= 500
-
-
-@pytest.mark.slow
-def test_stalled_reader_does_not_stall_others_and_memory_stays_bounded(procs, tmp_path):
-    size = 256 * MiB
-    big = procs.server("blob", size=size)
-    other = procs.server("blob", size=32 * MiB)
-    gateway = procs.gateway(f"127.0.0.1:{big}", f"127.0.0.1:{other}")
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url,
-                          remote={"big": f"127.0.0.1:{big}", "other": f"127.0.0.1:{other}"}, free_ports=True)
-    up = procs.up(config)
-    rss = lambda: psutil.Process(up.proc.pid).memory_info().rss + psutil.Process(gateway.proc.pid).memory_info().rss
-    baseline = rss()
-    stalled = socket.create_connection(("127.0.0.1", up.port("big")))
-    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
-    try:
-        # The stalled stream fills its window and socket buffers, then stops growing.
-        wait_for(lambda: up.forward("big")["bytes_down"] > 256 * 1024, 10, "the stalled stream to fill up")
-        plateau = up.forward("big")["bytes_down"]
-        # Meanwhile another stream moves 32 MiB, intact.
-        assert sha256_stream(up.port("other"), 32 * MiB) == blob_digest(32 * MiB)
-        assert up.forward("big")["bytes_down"] < plateau + 8 * MiB, "the stalled stream kept buffering"
-        assert rss() - baseline < 48 * MiB, f"memory grew by {(rss() - baseline) / MiB:.0f} MiB"
-    finally:
-        stalled.close()
-
-
-def test_gateway_restart_reconnects_and_listener_keeps_accepting(procs, tmp_path):
-    up, gateway, http = procs.web_mesh("still-here")
-    port = up.port("web")
-    assert http_get(port).endswith(b"still-here")
-
-    gateway.proc.signal(signal.SIGKILL)
-    gateway.proc.wait()
-    up.wait_state("reconnecting")
-    # The local listener never stops accepting: a connection made now waits for the tunnel.
-    waiting = socket.create_connection(("127.0.0.1", port), timeout=2)
-    waiting.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-
-    restarted = procs.gateway(f"127.0.0.1:{http}", port=gateway.port)
-    back = time.monotonic()
-    body = wait_for(lambda: http_get(port, timeout=2), 5, "a request through the same listener")
-    elapsed = time.monotonic() - back
-    assert body.endswith(b"still-here")
-    assert elapsed < 2.0, f"first request succeeded {elapsed:.2f}s after the gateway was back"
-    waiting.settimeout(5)
-    assert waiting.recv(65536).startswith(b"HTTP/1.1 200"), "the connection that waited was served"
-    waiting.close()
-    assert up.status()["tunnel"]["reconnects"] >= 1
-    assert restarted.proc.running()
-
-
-def test_wrong_token_gets_401_and_no_stream(procs, tmp_path):
+def test_websocket_upgrade_with_a_wrong_token_gets_401(procs, tmp_path):
     http = procs.server("http", text="secret")
     gateway = procs.gateway(f"127.0.0.1:{http}")
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as sock:
@@ -222,12 +106,6 @@ def test_wrong_token_gets_401_and_no_stream(procs, tmp_path):
             b"Authorization: Bearer wrong\r\n\r\n"
         )
         assert sock.recv(4096).startswith(b"HTTP/1.1 401")
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url,
-                          remote={"web": f"127.0.0.1:{http}"}, token_env="WRONG_TOKEN", free_ports=True)
-    up = procs.up(config, wait_up=False, env={"WRONG_TOKEN": "not-" + TOKEN})
-    status = up.wait_state("unauthorized")
-    assert "rejected the token" in status["tunnel"]["last_error"]
-    assert "attached" not in gateway.proc.log(), "no session may exist for a rejected token"
 
 
 def test_malformed_frames_close_that_tunnel_only(mesh):
@@ -311,7 +189,7 @@ def test_gateway_frees_reverse_listener_when_client_dies_and_serves_the_next(pro
     assert http_get(expose).endswith(b"second-laptop")
 
 
-def test_a_silent_gateway_is_detected_by_keepalive_and_recovered(procs, tmp_path):
+def test_a_frozen_gateway_is_noticed_within_keepalive_timeout(procs, tmp_path):
     """No FIN, no RST: the peer just stops answering (a frozen VM, a dead NAT entry).
     keepalive_timeout is "seconds without an answer": the freeze must be noticed within
     keepalive_timeout plus one keepalive_interval (before: up to timeout + 2 intervals)."""

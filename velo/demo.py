@@ -106,9 +106,10 @@ async def _demo(duration: float | None, console: Console) -> int:
 name = "demo"
 
 [tunnel]
-backend = "websocket"
-url = "ws://127.0.0.1:{gateway_port}/velo"
 token_env = "VELO_DEMO_TOKEN"
+
+[tunnel.websocket]
+url = "ws://127.0.0.1:{gateway_port}/velo"
 
 [local.website]          # the development candidate, running "on your laptop"
 port = {website_port}

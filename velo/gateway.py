@@ -10,6 +10,7 @@ that has lost power.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import fnmatch
 import hmac
 import json
@@ -19,6 +20,7 @@ import time
 
 from velo import protocol
 from velo.channel import MessageChannel
+from velo.mux import SessionClosedError
 from velo.plugins import backend_for_scheme
 from velo.transport import GatewayListen
 from velo.tunnel import (
@@ -133,7 +135,10 @@ class ReverseListener:
             reset_transport(transport)
             return
         peer = transport.get_extra_info("peername") or ("?", 0)
-        tunnel.open(bridge, {"op": protocol.OP_REVERSE, "name": self.name, "peer": f"{peer[0]}:{peer[1]}"})
+        try:
+            tunnel.open(bridge, {"op": protocol.OP_REVERSE, "name": self.name, "peer": f"{peer[0]}:{peer[1]}"})
+        except SessionClosedError:  # the tunnel is going away; the client reconnects
+            transport.abort()
 
     def close(self) -> None:
         if self.server is not None:
@@ -238,8 +243,10 @@ class Gateway:
     def authenticate(self, presented: str | None) -> bool:
         return presented is not None and hmac.compare_digest(presented.encode(), self._token)
 
-    async def listen(self, url: str) -> asyncio.AbstractServer:
+    async def listen(self, url: str, ssl_context=None) -> asyncio.AbstractServer:
         scheme, listen = parse_listen_url(url)
+        if ssl_context is not None:
+            listen = dataclasses.replace(listen, ssl=ssl_context)
         backend = backend_for_scheme(scheme)
         server = await backend.serve(listen, self.authenticate, self._new_tunnel)
         self.servers.append(server)

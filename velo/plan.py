@@ -39,7 +39,7 @@ class Reverse:
     gateway_port: int
     local_host: str
     local_port: int
-    target_name: str = ""   # the Service's targetPort when it names a container port
+    service_port: int = 0   # the Service port whose traffic this is (a provider may repoint its targetPort)
 
     @property
     def key(self) -> str:
@@ -98,10 +98,11 @@ def describe_forward(f: Forward) -> str:
     return f"  forward {f.key:24} {f.local_host}:{f.local_port} -> {f.target_host}:{f.target_port}"
 
 
-def stable_port(key: str, taken: set[int]) -> int:
-    """A local port derived from the name, so it is the same on every run and machine."""
+def stable_port(key: str, taken: set[int], project: str = "") -> int:
+    """A local port derived from the project and the name: the same on every run and
+    machine, and different for two projects that forward the same Service names."""
     low, high = PORT_RANGE
-    port = low + zlib.crc32(key.encode()) % (high - low)
+    port = low + zlib.crc32(f"{project}/{key}".encode() if project else key.encode()) % (high - low)
     while port in taken:
         port = low + (port - low + 1) % (high - low)
     return port
@@ -113,9 +114,16 @@ def selected(name: str, include: list[str], exclude: list[str]) -> bool:
     )
 
 
-def build_plan(config, inventory: Inventory) -> Plan:
-    """Turn config + inventory into listeners, reverse routes and env."""
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def build_plan(config, inventory: Inventory, *, listen_host: str | None = None) -> Plan:
+    """Turn config + inventory into listeners, reverse routes and env.
+
+    ``listen_host`` overrides ``remote.listen`` (``velo up --compose`` binds the docker bridge).
+    """
     remote = config.remote
+    host = listen_host or remote.listen
     overrides = remote.services
     candidates = set(config.local)
     chosen = [
@@ -138,9 +146,9 @@ def build_plan(config, inventory: Inventory) -> Plan:
         single = len(service.ports) == 1
         for port in service.ports:
             key = port_key(service.name, "" if single else port.name or str(port.port))
-            local_port = fixed.get(key) or fixed.get(port_key(service.name, port.name)) or stable_port(key, taken)
+            local_port = fixed.get(key) or fixed.get(port_key(service.name, port.name)) or stable_port(key, taken, config.project.name)
             taken.add(local_port)
-            forwards.append(Forward(service.name, port.name, port.port, LOCAL_HOST, local_port,
+            forwards.append(Forward(service.name, port.name, port.port, host, local_port,
                                     port.target_host, port.target_port, single))
     env = dict(inventory.env)
     env.update(service_env(forwards))
@@ -161,16 +169,22 @@ def service_env(forwards: list[Forward]) -> dict[str, str]:
     for service, ports in by_service.items():
         prefix = env_name(service)
         first = ports[0]
-        env[f"{prefix}_SERVICE_HOST"] = first.local_host
+        host = connect_host(first.local_host)
+        env[f"{prefix}_SERVICE_HOST"] = host
         env[f"{prefix}_SERVICE_PORT"] = str(first.local_port)
-        env[f"{prefix}_PORT"] = f"tcp://{first.local_host}:{first.local_port}"
-        env[f"{prefix}_URL"] = f"http://{first.local_host}:{first.local_port}"
+        env[f"{prefix}_PORT"] = f"tcp://{host}:{first.local_port}"
+        env[f"{prefix}_URL"] = f"http://{host}:{first.local_port}"
         for forward in ports:
             if forward.port_name and not forward.port_name.isdigit():
                 env[f"{prefix}_SERVICE_PORT_{env_name(forward.port_name)}"] = str(forward.local_port)
             link = f"{prefix}_PORT_{forward.service_port}_TCP"
-            env[link] = f"tcp://{forward.local_host}:{forward.local_port}"
+            env[link] = f"tcp://{host}:{forward.local_port}"
             env[f"{link}_PROTO"] = "tcp"
             env[f"{link}_PORT"] = str(forward.local_port)
-            env[f"{link}_ADDR"] = forward.local_host
+            env[f"{link}_ADDR"] = host
     return env
+
+
+def connect_host(listen_host: str) -> str:
+    """Where a client on this machine connects to a listener bound to ``listen_host``."""
+    return LOCAL_HOST if listen_host in WILDCARD_HOSTS else listen_host

@@ -23,6 +23,7 @@ from typing import Awaitable, Callable
 
 from velo import protocol
 from velo.channel import MessageChannel
+from velo.mux.window import WindowTuner
 from velo.mux import (
     DataReceived,
     GoAwayReceived,
@@ -135,7 +136,11 @@ class Tunnel:
         max_buffered: int | None = None,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.session = Session(client=client) if max_buffered is None else Session(client=client, max_buffered=max_buffered)
+        self.client = client
+        # Receive windows grow with the measured round trip (velo/mux/window.py).
+        self.window_tuner = WindowTuner()
+        session_limits = {} if max_buffered is None else {"max_buffered": max_buffered}
+        self.session = Session(client=client, tuner=self.window_tuner, **session_limits)
         self.resolve = resolve
         self.label = label
         self.pipe: TunnelPipe | None = None
@@ -171,6 +176,10 @@ class Tunnel:
 
     def connection_made(self, pipe: TunnelPipe) -> None:
         self.pipe = pipe
+        new_session = getattr(pipe, "new_session", None)
+        if new_session is not None:
+            # The backend multiplexes natively (HTTP/2): its streams replace yamux here.
+            self.session = new_session(client=self.client, tuner=self.window_tuner)
         if not self.connected.done():
             self.connected.set_result(None)
         now = _monotonic()
@@ -215,6 +224,7 @@ class Tunnel:
                 sent = self._ping_sent.pop(event.opaque, None)
                 if sent is not None:
                     self.rtt = _monotonic() - sent
+                    self.window_tuner.observe_rtt(self.rtt)
             elif kind is PingReceived:
                 pass  # the session queued the reply
             elif kind is GoAwayReceived:

@@ -118,7 +118,8 @@ class Mesh:
                     "name": key,
                     "gateway_port": r.gateway_port,
                     "local": f"{r.local_host}:{r.local_port}",
-                    "state": ("listening" if reverse_status.get(key, {}).get("ok") else
+                    "state": ("no route: tunnel down" if self.client.state != "up" else
+                              "listening" if reverse_status.get(key, {}).get("ok") else
                               reverse_status.get(key, {}).get("error") or "pending"),
                 }
                 for key, r in sorted(self.reverses.items())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import secrets
 import signal
 import time
@@ -19,15 +20,18 @@ from typing import Callable
 
 from velo.config import ConfigError, VelocityConfig, load_config
 from velo.engine import envfile
-from velo.engine.candidates import Candidate
+from velo.engine.candidates import Candidate, make_candidates
 from velo.engine.client import TunnelClient
 from velo.engine.control import ControlServer, socket_path
 from velo.engine.mesh import Mesh
-from velo.plan import Inventory, Plan, build_plan, describe, describe_forward
+from velo.plan import WILDCARD_HOSTS, Inventory, Plan, build_plan, describe, describe_forward
 from velo.plugins import PluginError, get_backend, get_provider
 from velo.provider import ProviderError, ProviderSession
 
 log = logging.getLogger("velo.up")
+
+
+CANDIDATE_WAIT = 15.0  # how long a reverse stream waits for a restarting candidate
 
 
 class StartupError(Exception):
@@ -35,9 +39,15 @@ class StartupError(Exception):
 
 
 class Up:
-    def __init__(self, config: VelocityConfig, *, say: Callable[[str], None] = print):
+    def __init__(self, config: VelocityConfig, *, say: Callable[[str], None] = print,
+                 run_candidates: bool = True, only: list[str] | None = None, colour: bool = False,
+                 listen_host: str | None = None):
         self.config = config
+        self.run_candidates = run_candidates  # False: `velo up --no-run`, an orchestrator runs them
+        self.only = only
+        self.colour = colour
         self.say = say
+        self.listen_host = listen_host  # overrides remote.listen (velo up --compose)
         self.session_id = secrets.token_hex(6)
         self.provider: ProviderSession | None = None
         self.inventory = Inventory()
@@ -51,7 +61,9 @@ class Up:
         self.last_reload_error = ""
         self._config_digest = _digest(config.source_path)
         self._tasks: list[asyncio.Task] = []
+        self._must_run: set[asyncio.Task] = set()
         self.candidates: list[Candidate] = []
+        self._env_warned: set[str] = set()
 
     # ---- lifecycle --------------------------------------------------------------
 
@@ -74,24 +86,31 @@ class Up:
         )
         self.mesh = Mesh(self.client)
         self.control = ControlServer(
-            socket_path(config.root), {"status": lambda _r: self.status(), "shutdown": self._shutdown_request}
+            socket_path(config.root), {"status": lambda _r: self.status(), "shutdown": self._shutdown_request,
+                                       "env": lambda _r: {"env": self.mesh.plan.env,
+                                                          "secret_keys": sorted(self.mesh.plan.secret_keys)}}
         )
         try:
             await self.control.start()
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
-        plan = build_plan(config, self.inventory)
+        plan = build_plan(config, self.inventory, listen_host=self.listen_host)
         problems = await self.mesh.apply(plan)
         if problems:
             raise StartupError("\n".join(problems))
-        await self.provider.start(self.say)
+        tunnel_task = self.client.start()  # before the provider's start: it intercepts only once this path works
+        self._must_run = {tunnel_task}  # these end only by stop(); other watchers may finish
+        tunnel_task.add_done_callback(self._task_done)
+        await self.provider.start(self.say, self._path_ready)
         self._write_env(plan)
-        self.client.start()
-        for name, local in config.local.items():
-            if local.run:
-                candidate = Candidate(name, local.run, config.root, self.say)
-                self.candidates.append(candidate)
-                await candidate.start(plan.env)
+        if self.run_candidates:
+            self.candidates = make_candidates(config, self.say, only=self.only, colour=self.colour)
+            for candidate in self.candidates:
+                if not candidate.cwd.is_dir():
+                    raise StartupError(f"{config.source_path.name}: local.{candidate.name}.cwd: "
+                                       f"folder {candidate.cwd} does not exist")
+            for candidate in self.candidates:  # the listeners are bound: the env is true now
+                candidate.start(plan.env)
         for coro, name in ((self._watch_config(), "watching velocity.toml"), (self._watch_provider(), "watching the provider"),
                            (self.provider.keepalive(), "keeping the session alive")):
             task = asyncio.create_task(coro, name=name)
@@ -102,28 +121,82 @@ class Up:
     async def _endpoints(self):
         return await self.provider.endpoints()
 
-    async def _resolve_reverse(self, header: dict):
-        return await self.mesh.resolve_reverse(header)
+    async def _path_ready(self, timeout: float) -> str | None:
+        """None once the tunnel is up and the gateway reported every reverse listener bound;
+        otherwise, after ``timeout`` (or at the gateway's first refusal), why not."""
+        client = self.client
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            wanted = [r["name"] for r in client.reverse_wanted]
+            status = client.reverse_status
+            refused = [f"{n}: {status[n].get('error')}" for n in wanted if n in status and not status[n].get("ok")]
+            if client.state == "up" and all(status.get(n, {}).get("ok") for n in wanted):
+                return None
+            if refused:
+                return "the gateway could not open reverse " + "; ".join(refused)
+            if asyncio.get_running_loop().time() >= deadline:
+                if client.state != "up":
+                    return f"the tunnel is not connected ({client.last_error or client.state})"
+                return "the gateway did not confirm the reverse listeners " + ", ".join(wanted)
+            await asyncio.sleep(0.1)
 
-    async def run_until_stopped(self) -> None:
+    async def _resolve_reverse(self, header: dict):
+        host, port = await self.mesh.resolve_reverse(header)
+        name = str(header.get("name", "")).split("/")[0]
+        for candidate in self.candidates:  # mid-restart: wait for the new process (bounded)
+            if candidate.name == name:
+                await candidate.wait_ready(host, port, timeout=CANDIDATE_WAIT)
+        return host, port
+
+    def handle_signals(self) -> None:
+        """SIGINT/SIGTERM ask for a clean stop in every state, start-up included; a second
+        Ctrl-C exits at once (the user has seen the first one being slow)."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(signum, self.stopping.set)
+                loop.add_signal_handler(signum, self._on_signal, signum)
             except (NotImplementedError, RuntimeError):
                 pass
+
+    def _on_signal(self, signum: int) -> None:
+        if self.stopping.is_set() and signum == signal.SIGINT:
+            self.say("velo: second Ctrl-C: exiting now, without cleaning up (`velo down` cleans up later)")
+            os._exit(130)
+        self.stopping.set()
+
+    async def start_unless_stopped(self) -> bool:
+        """``start()``, abandoned as soon as a stop is asked (signal, `velo down`): waiting for
+        the cluster or a slow provider must not delay a stop. False when stopped first."""
+        starting = asyncio.ensure_future(self.start())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not starting.done():
+                starting.cancel()
+                await asyncio.wait({starting}, timeout=5)
+        if not starting.done():
+            log.error("start-up did not stop within 5s of being cancelled; stopping anyway")
+            return False
+        if starting.cancelled():
+            return False
+        starting.result()  # re-raises StartupError and friends
+        return True
+
+    async def run_until_stopped(self) -> None:
+        self.handle_signals()
         await self.stopping.wait()
 
     async def stop(self) -> None:
-        for candidate in self.candidates:
-            await candidate.stop()
+        await asyncio.gather(*(c.stop() for c in self.candidates))  # their grace periods overlap
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        if self._tasks:  # bounded: a task that swallows its cancellation must not hold up the stop
+            done, _ = await asyncio.wait(self._tasks, timeout=3)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: it was reported by _task_done already
         if self.mesh is not None:
             self.mesh.close()
         if self.client is not None:
@@ -137,18 +210,22 @@ class Up:
             self.control.close()
 
     def _task_done(self, task: asyncio.Task) -> None:
-        """A watcher must never die quietly: that would freeze the mesh without a word."""
+        """A background task must never die quietly: that would freeze the mesh without a
+        word. Its end stops the session, with one line saying why (traceback at debug)."""
         if task.cancelled() or self.stopping.is_set():
             return
         exc = task.exception()
         if isinstance(exc, ProviderError):
-            self.say(f"velo: {exc}")
             self.fatal = str(exc)
-            self.stopping.set()
         elif exc is not None:
-            log.error("%s failed: %r; stopping", task.get_name(), exc, exc_info=exc)
-            self.fatal = f"{task.get_name()} failed: {exc}"
-            self.stopping.set()
+            log.debug("%s failed", task.get_name(), exc_info=exc)
+            self.fatal = f"{task.get_name()} failed: {type(exc).__name__}: {exc}"
+        elif task in self._must_run:
+            self.fatal = f"{task.get_name()} ended unexpectedly"
+        else:
+            return
+        self.say(f"velo: {self.fatal}; stopping")
+        self.stopping.set()
 
     def _shutdown_request(self, _request: dict) -> dict:
         asyncio.get_running_loop().call_soon(self.stopping.set)
@@ -157,12 +234,14 @@ class Up:
     # ---- reconciling ------------------------------------------------------------
 
     async def _apply(self, reason: str) -> None:
-        plan = build_plan(self.config, self.inventory)
+        plan = build_plan(self.config, self.inventory, listen_host=self.listen_host)
         before = self.mesh.plan
         problems = await self.mesh.apply(plan)
         for problem in problems:
             self.say(f"velo: {problem}")
         self._write_env(plan)
+        for candidate in self.candidates:
+            candidate.set_env(plan.env)
         added = {f.key for f in plan.forwards} - {f.key for f in before.forwards}
         removed = {f.key for f in before.forwards} - {f.key for f in plan.forwards}
         if added or removed or plan.reverses != before.reverses:
@@ -181,6 +260,7 @@ class Up:
         async for _changes in awatch(
             path.parent,
             watch_filter=lambda _change, changed: Path(changed).name == path.name,
+            recursive=False,  # the folder itself, never node_modules & co below it
             debounce=100,
             step=50,
         ):
@@ -194,6 +274,11 @@ class Up:
             except (ConfigError, PluginError) as exc:
                 self.last_reload_error = str(exc)
                 self.say(f"velo: {path.name} not applied, still running the last good config:\n{exc}")
+                continue
+            refused = self.provider.reload_refused(new)
+            if refused:
+                self.last_reload_error = refused
+                self.say(f"velo: {path.name} not applied, still running the last good config: {refused}")
                 continue
             await self._reload(new)
 
@@ -213,9 +298,32 @@ class Up:
             client.wait_for_tunnel = tunnel.wait_for_tunnel
             client.restart()
         else:
-            self.provider.update_config(new)
+            await self.provider.reconfigure(new)
         self.inventory = await self.provider.inventory()
         await self._apply(f"{new.source_path.name} changed")
+        await self._sync_candidates()
+
+    async def _sync_candidates(self) -> None:
+        """After a reload: candidates whose run/cwd/watch/ignore changed start anew."""
+        if not self.run_candidates:
+            return
+        wanted = {c.name: c for c in make_candidates(self.config, self.say, only=self.only, colour=self.colour)}
+        kept = []
+        for candidate in self.candidates:
+            if candidate.name in wanted and wanted[candidate.name].spec() == candidate.spec():
+                kept.append(candidate)
+                del wanted[candidate.name]
+            else:
+                self.say(f"velo: {candidate.name}: run settings changed" if candidate.name in wanted
+                         else f"velo: {candidate.name}: no longer run by velo")
+                await candidate.stop()
+        for candidate in wanted.values():
+            if not candidate.cwd.is_dir():
+                self.say(f"velo: local.{candidate.name}.cwd: folder {candidate.cwd} does not exist; not started")
+                continue
+            candidate.start(self.mesh.plan.env)
+            kept.append(candidate)
+        self.candidates = kept
 
     async def _watch_provider(self) -> None:
         async for inventory in self.provider.watch():
@@ -227,13 +335,19 @@ class Up:
     def _write_env(self, plan: Plan) -> None:
         env = self.config.env
         if env.file:
-            envfile.write(self.config.root / env.file, plan.env, env.format)
+            for warning in envfile.write(self.config.root / env.file, plan.env, env.format):
+                if warning not in self._env_warned:  # the file is rewritten on every change
+                    self._env_warned.add(warning)
+                    self.say(f"velo: {env.file}: {warning}")
 
     def _describe(self, plan: Plan) -> None:
         config = self.config
         self.say(f"velo: project {config.project.name}, provider {config.cluster.provider}, session {self.session_id}")
         for line in describe(plan):
             self.say(line)
+        if plan.forwards and plan.forwards[0].local_host in WILDCARD_HOSTS:
+            self.say(f"velo: forwards listen on all interfaces ({plan.forwards[0].local_host}): "
+                     "anyone who reaches this machine reaches the cluster's services through them")
         if config.env.file:
             self.say(f"  env     {len(plan.env)} variables in {config.env.file}")
         self.say("velo: running; Ctrl-C stops and cleans up")
@@ -248,15 +362,16 @@ class Up:
             started=self.started,
             reloads=self.reloads,
             last_reload_error=self.last_reload_error,
+            candidates=[c.status() for c in self.candidates],
         )
         return status
 
 
 def check_backends(config: VelocityConfig) -> None:
     """Fail now, naming the key, rather than retrying a backend that cannot exist."""
-    get_backend(config.tunnel.backend)
-    for i, name in enumerate(config.tunnel.fallback):
-        get_backend(name, key=f"tunnel.fallback[{i}]")
+    tunnel = config.tunnel
+    for i, name in enumerate(tunnel.preference):
+        get_backend(name, key=f"tunnel.prefer[{i}]" if tunnel.prefer else f"tunnel.{name}")
     get_provider(config.cluster.provider)
 
 
