@@ -357,6 +357,11 @@ class Tunnel:
         if self._starved and not self.paused:
             self._retry_starved()
 
+    def queue_full(self) -> bool:
+        """Did the session refuse bytes for lack of queue room (not window)?  Only asked
+        after a partial send; a session without a send queue limit (HTTP/2) says no."""
+        return getattr(self.session, "send_buffer_full", False)
+
     def starve(self, bridge: "Bridge") -> None:
         """``bridge`` holds bytes the full session queue refused; retry it after the next flush."""
         if not bridge.starved:
@@ -561,7 +566,7 @@ class Bridge(asyncio.Protocol):
         if sent < len(data):
             self.pending = bytearray(memoryview(data)[sent:])
             self.pause_source()
-            if tunnel.session.send_buffer_full:
+            if tunnel.queue_full():
                 tunnel.starve(self)
         tunnel.schedule_flush()
 
@@ -575,7 +580,7 @@ class Bridge(asyncio.Protocol):
         if sent < len(data):
             self.pending = bytearray(memoryview(data)[sent:])
             self.pause_source()
-            if tunnel.session.send_buffer_full:
+            if tunnel.queue_full():
                 tunnel.starve(self)
         tunnel.schedule_flush()
 
@@ -718,7 +723,7 @@ class Bridge(asyncio.Protocol):
         if sent:
             del pending[:sent]
             tunnel.schedule_flush()
-        if pending and tunnel.session.send_buffer_full:
+        if pending and tunnel.queue_full():
             tunnel.starve(self)
         if not pending:
             self.pending = None

@@ -36,7 +36,7 @@ def test_deeply_nested_header_is_a_protocol_error_not_a_crash():
 @pytest.mark.parametrize("name", sorted(TARGETS))
 def test_short_fuzz_run_finds_nothing(name, tmp_path):
     try:
-        import atheris  # noqa: F401
+        import atheris  # noqa: F401  (only: is it installed?)
     except ImportError:
         if os.environ.get("CI") == "true":
             pytest.fail("atheris is not installed (it is in the test extras: make install)")
