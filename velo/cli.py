@@ -381,15 +381,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bring up only the mesh and the env file; start no candidate (for Tilt, Compose, ...)")
     p.add_argument("--only", action="append", metavar="NAME[,NAME]",
                    help="run only these candidates ([local.<name>]; repeatable)")
+    p.add_argument("--compose", action="store_true",
+                   help="also run `docker compose up` with velo's override (see `velo compose`); "
+                   "forwards then listen on the docker bridge")
 
     p = add("run", cmd_run, "run a one-off command with the environment of the running `velo up`",
             "Run CMD (a test suite, a migration, a REPL) with the environment velo gives the candidates, "
             "taken from the running `velo up` of this project: velo run -- CMD [ARGS...]")
     config_arg(p)
     p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
-    p.add_argument("--compose", action="store_true",
-                   help="also run `docker compose up` with velo's override (see `velo compose`); "
-                   "forwards then listen on the docker bridge")
 
     p = add("compose", cmd_compose, "write a Docker Compose override giving containerized candidates velo's env",
             "Write compose.override (default docker-compose.velo.yml): for each candidate that is a Compose "
