@@ -29,6 +29,7 @@ import argparse
 import datetime as _dt
 import importlib.metadata
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -85,12 +86,23 @@ def first_byte(port: int, samples: int, timeout: float = 10.0) -> list[float]:
         with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.sendall(request)
-            if not sock.recv(1):
+            data = sock.recv(65536)
+            if not data:
                 raise BenchError("connection closed before the first byte")
             times.append(time.perf_counter() - t0)
-            while sock.recv(65536):
-                pass
+            # Read the whole response by its length: kubectl port-forward does not pass the
+            # server's close on promptly, so waiting for EOF would time the wrong thing.
+            while b"\r\n\r\n" not in data:
+                data += sock.recv(65536) or _eof()
+            head, _, body = data.partition(b"\r\n\r\n")
+            length = int(re.search(rb"(?i)content-length:\s*(\d+)", head).group(1))
+            while len(body) < length:
+                body += sock.recv(65536) or _eof()
     return times
+
+
+def _eof() -> bytes:
+    raise BenchError("connection closed mid-response")
 
 
 class Compare:
