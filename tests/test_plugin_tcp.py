@@ -138,7 +138,8 @@ class EchoServer:
         self._thread.join(10)
 
 
-def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0, token: str = TOKEN):
+def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0, token: str = TOKEN,
+                  allow_reverse: tuple[int, ...] = ()):
     """`velo gateway --listen tcp://...`; returns (process, bound port) once the ready file says so."""
     ready = tmp_path / f"gateway-ready-{len(procs.started)}"
     proc = procs.start(
@@ -146,6 +147,7 @@ def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0
         "--listen", f"tcp://127.0.0.1:{port}",
         "--allow", f"127.0.0.1:{echo_port}",
         "--reverse-host", "127.0.0.1",
+        *(arg for p in allow_reverse for arg in ("--allow-reverse", str(p))),
         "--ready-file", str(ready),
         "--log-level", "debug",
         token=token,
@@ -338,8 +340,8 @@ def test_forward_echo_through_tcp_tunnel(plugin_installed, tcp_procs, echo, tmp_
 
 def test_reverse_echo_through_tcp_tunnel(plugin_installed, tcp_procs, echo, tmp_path):
     """Cluster -> laptop: a connection to the gateway's exposed port reaches the local candidate."""
-    _gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port)
     expose = free_port()
+    _gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port, allow_reverse=(expose,))
     config = write_config(tmp_path, backend="tcp", gateway_port=gateway_port, echo_port=echo.port,
                           local_port=free_port(), candidate=(echo.port, expose))
     up = tcp_procs.start("up", "up", "-c", str(config))

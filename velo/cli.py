@@ -50,15 +50,14 @@ def cmd_up(args) -> int:
 
     async def main() -> int:
         up = Up(config, say=lambda line: print(line, flush=True))
-        started = False
+        up.handle_signals()  # before start: a stop while waiting for the cluster is a stop too
         try:
-            await up.start()
-            started = True
-            await up.run_until_stopped()
+            if await up.start_unless_stopped():
+                await up.run_until_stopped()
         except StartupError as exc:
             raise UserError(str(exc)) from None
-        finally:  # also when start fails half-way or Ctrl-C lands during it
-            if started:
+        finally:  # also when start fails half-way or a stop lands during it
+            if up.stopping.is_set():
                 print("velo: stopping", flush=True)
             await up.stop()
         return 1 if up.fatal else 0
@@ -298,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", action="append", default=[], metavar="HOST:PORT",
                    help="forward targets clients may reach (fnmatch patterns, e.g. 'db:5432', "
                    "'*.shop.svc.cluster.local:*'; repeatable; nothing is allowed by default)")
+    p.add_argument("--allow-reverse", action="append", default=[], metavar="PORT",
+                   help="a port (or LOW-HIGH range) clients may open a reverse listener on; repeatable; "
+                   "none by default")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=N",
+                   help="cap what one peer may use: tunnels (per token, default 64), streams (open per tunnel, "
+                   "8192), accepting (per tunnel, waiting for header or dial, 4096), control (messages per "
+                   "minute, 60), reverse (listeners per session, 256)")
     p.add_argument("--token-env", default="VELO_TOKEN", metavar="NAME",
                    help="environment variable holding the bearer token (default: VELO_TOKEN)")
     p.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file instead")

@@ -7,7 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
-from velo.gateway import AllowList, Gateway, parse_listen_url
+from velo.gateway import AllowList, Gateway, Limits, PortAllowList, parse_listen_url
 from velo.plugins import PluginError
 from velo.runtime import run
 
@@ -18,21 +18,35 @@ class GatewayStartError(Exception):
     pass
 
 
-async def watch_lease(session: str, every: float, stop: asyncio.Event) -> None:
-    """In a cluster: when the laptop's lease lapses, restore its Services, remove the
-    session's objects (this pod's Deployment last) and stop.  Nothing depends on the laptop."""
+async def watch_lease(session: str, every: float, stop: asyncio.Event, client_connected=lambda: False) -> None:
+    """In a cluster: when the laptop is gone, restore its Services, remove the session's
+    objects (this pod's Deployment last) and stop.  Nothing depends on the laptop.
+
+    Gone means: its tunnel is down and its Lease did not change for a lease's duration,
+    both as seen on this pod's clock (``ix.Liveness``); a connected tunnel is proof of life."""
     from velo.providers.kubernetes import intercept as ix
     from velo.providers.kubernetes.api import in_cluster_connection
 
     conn = in_cluster_connection()
+    liveness = ix.Liveness(conn, session)
+    failing = False
     while not stop.is_set():
+        if client_connected():
+            liveness.tunnel_up()
         try:
-            alive = await asyncio.to_thread(ix.lease_alive, conn, session)
+            await asyncio.to_thread(liveness.look)
+            if failing:
+                log.warning("checking the lease of session %s works again", session)
+            failing = False
         except Exception as exc:  # API trouble is not proof of death: look again later
-            log.warning("checking the lease of session %s failed: %s", session, exc)
-            alive = True
-        if not alive:
-            log.warning("the lease of session %s lapsed: restoring its Services and removing its objects", session)
+            if not failing:  # once per streak, not every few seconds
+                log.warning("checking the lease of session %s failed: %s (retrying)", session, exc)
+            failing = True
+        if client_connected():
+            liveness.tunnel_up()
+        if not liveness.alive():
+            log.warning("session %s is gone (no tunnel, lease %s): restoring its Services and removing its objects",
+                        session, "deleted" if liveness.gone else "not renewed")
             for attempt in range(30):
                 try:
                     restored = await asyncio.to_thread(ix.clean_session, conn, session, everything=False)
@@ -80,6 +94,11 @@ def serve(args, token: str) -> int:
         except ValueError as exc:
             raise UserError(str(exc)) from None
     contexts = tls_contexts(urls, args.tls_cert, args.tls_key)
+    try:
+        reverse_policy = PortAllowList(getattr(args, "allow_reverse", None) or [])
+        limits = Limits.parse(getattr(args, "limit", None) or [])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
     async def main() -> int:
         gateway = Gateway(
@@ -88,6 +107,8 @@ def serve(args, token: str) -> int:
             reverse_host=args.reverse_host,
             keepalive_interval=args.keepalive_interval,
             keepalive_timeout=args.keepalive_timeout,
+            reverse_policy=reverse_policy,
+            limits=limits,
         )
         bound = []
         for url in urls:
@@ -100,7 +121,7 @@ def serve(args, token: str) -> int:
             sock = server.sockets[0].getsockname()
             scheme, listen = parse_listen_url(url)
             bound.append(f"{scheme}://{sock[0]}:{sock[1]}{listen.path}")
-        log.info("listening on %s; %d allow rule(s)", ", ".join(bound), len(args.allow))
+        log.info("listening on %s; %d allow rule(s); reverse ports: %s", ", ".join(bound), len(args.allow), reverse_policy)
         if args.ready_file:
             Path(args.ready_file).write_text("\n".join(bound) + "\n")
         stop = asyncio.Event()
@@ -108,7 +129,9 @@ def serve(args, token: str) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
         if args.session:
-            watcher = asyncio.create_task(watch_lease(args.session, args.lease_check, stop))
+            watcher = asyncio.create_task(watch_lease(
+                args.session, args.lease_check, stop,
+                lambda: any(s.tunnel is not None and s.tunnel.alive for s in gateway.sessions.values())))
         await stop.wait()
         log.info("shutting down")
         await gateway.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Protocol
 
 
@@ -69,11 +69,11 @@ class Endpoint:
 
     backend: str
     url: str
-    token: str
+    token: str = field(repr=False)  # never in a repr, a log line or a traceback
     settings: Any = None
     """The backend's validated ``[tunnel.<name>]`` table (None when built in code)."""
     ssl_context: ssl.SSLContext | None = None
-    headers: tuple[tuple[str, str], ...] = ()
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry credentials
     """Extra request headers, e.g. the Kubernetes apiserver's Authorization."""
     label: str = ""
     """What `velo status` shows instead of the URL (e.g. "pod velo-proxy-abc")."""

@@ -112,13 +112,16 @@ class Mesh:
     gateway: object = None
     up: object = None
     allow: tuple = ()
+    allow_reverse: tuple = ()
     config: Path | None = None
     runs: int = field(default=0)
 
-    def start_gateway(self, *allow: str, port: int = 0):
+    def start_gateway(self, *allow: str, port: int = 0, allow_reverse=()):
         extra = ["--tls-cert", str(self.ca.cert_file), "--tls-key", str(self.ca.key_file)] if self.case.tls else []
         self.allow = allow or self.allow
-        self.gateway = self.procs.gateway(*self.allow, port=port, scheme=self.case.scheme, extra=extra)
+        self.allow_reverse = allow_reverse or self.allow_reverse
+        self.gateway = self.procs.gateway(*self.allow, port=port, scheme=self.case.scheme, extra=extra,
+                                          allow_reverse=self.allow_reverse)
         return self.gateway
 
     def write_config(self, remote=None, local=None, **kw) -> Path:
@@ -127,7 +130,8 @@ class Mesh:
         folder = self.tmp / f"project-{self.runs}"
         folder.mkdir()
         self.config = write_config(folder / "velocity.toml", gateway_url=self.gateway.url, remote=remote,
-                                   local=local, backend=self.case.backend, settings=settings, **kw)
+                                   local=local, backend=self.case.backend, settings=settings,
+                                   free_ports=True, **kw)
         return self.config
 
     def start_up(self, remote=None, local=None, wait_up: bool = True, env=None, **kw):

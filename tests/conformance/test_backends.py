@@ -56,8 +56,8 @@ def test_large_transfers_are_byte_exact_both_ways(mesh):
     blob = mesh.procs.server("blob", size=size)
     sink = mesh.procs.server("sink")
     local_blob = mesh.procs.server("blob", size=size)
-    mesh.start_gateway(f"127.0.0.1:{blob}", f"127.0.0.1:{sink}")
     expose = free_port()
+    mesh.start_gateway(f"127.0.0.1:{blob}", f"127.0.0.1:{sink}", allow_reverse=[expose])
     up = mesh.start_up(remote={"conf-blob": f"127.0.0.1:{blob}", "conf-sink": f"127.0.0.1:{sink}"},
                        local={"conf-candidate": (local_blob, expose)})
     wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")

@@ -358,6 +358,15 @@ class Session:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
+    @property
+    def send_buffer_full(self) -> bool:
+        """True when ``send_data`` is refusing data for lack of queue room (not window).
+
+        A caller left holding bytes should retry once it has drained
+        ``data_to_send()``: no event will announce that the room came back.
+        """
+        return self._out_bytes >= self._max_buffered
+
     def _queue_control(self, vtf: int, sid: int, value: int) -> None:
         self._out.append(_pack(vtf, sid, value))
         self._out_bytes += HEADER_SIZE
@@ -383,7 +392,8 @@ class Session:
         """Queue as much of ``data`` as flow control allows; return bytes taken.
 
         Partial acceptance is the backpressure signal: retry the rest after a
-        ``WindowUpdated`` event (or after draining ``data_to_send``).
+        ``WindowUpdated`` event or, when ``send_buffer_full`` says the
+        session-wide queue was the limit, after draining ``data_to_send``.
         """
         st = self._streams.get(stream_id)
         if st is None or st.local_closed:
