@@ -11,6 +11,7 @@ import asyncio
 import os
 import signal
 import socket
+import time
 
 import psutil
 import pytest
@@ -184,6 +185,34 @@ def test_gateway_frees_reverse_listener_when_client_dies_and_serves_the_next(pro
     up2 = procs.up(config2)
     wait_for(lambda: up2.status()["reverses"][0]["state"] == "listening", 10, "reverse listener for the next client")
     assert http_get(expose).endswith(b"second-laptop")
+
+
+def test_a_silent_gateway_is_detected_by_keepalive_and_recovered(procs, tmp_path):
+    """No FIN, no RST: the peer just stops answering (a frozen VM, a dead NAT entry).
+    keepalive_timeout is "seconds without an answer": the freeze must be noticed within
+    keepalive_timeout plus one keepalive_interval (before: up to timeout + 2 intervals)."""
+    interval, timeout = 2.0, 4.0
+    http = procs.server("http", text="alive")
+    gateway = procs.gateway(f"127.0.0.1:{http}")
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
+                          free_ports=True, keepalive=(interval, timeout))
+    up = procs.up(config)
+    frozen = time.monotonic()
+    gateway.proc.signal(signal.SIGSTOP)
+    try:
+        status = up.wait_state("reconnecting", timeout=timeout + interval + 5)
+        noticed = time.monotonic() - frozen
+        assert "no keepalive answer" in status["tunnel"]["last_error"]
+        # velo notices `timeout` after the peer's last byte; the documented ceiling is one
+        # interval more.  Halfway, so that the old timing (1-2 intervals late) cannot pass by a hair.
+        assert noticed < timeout + interval / 2, f"a frozen gateway was noticed after {noticed:.2f}s"
+    finally:
+        gateway.proc.signal(signal.SIGCONT)
+    up.wait_state("up", timeout=10)
+    assert http_get(up.port("web")).endswith(b"alive")
+
+
+# ---- bursts: nothing stalls, nothing is refused ------------------------------------------
 
 
 def test_full_send_queue_never_stalls_a_stream(procs):
