@@ -337,6 +337,12 @@ class H2Session:
     def data_to_send(self) -> bytes:
         return self.conn.data_to_send()
 
+    @property
+    def send_buffer_full(self) -> bool:
+        """Never: only flow-control windows limit send_data here, and WINDOW_UPDATE (or the
+        binding of a waiting reverse stream) announces their room as WindowUpdated."""
+        return False
+
     def has_data_to_send(self) -> bool:
         return bool(self.conn._data_to_send)  # h2 has no public peek
 
