@@ -616,7 +616,7 @@ class H2Backend(TunnelBackend):
         except (TimeoutError, asyncio.TimeoutError):
             raise TunnelError(f"{url}: no answer within {timeout:g}s") from None
         except ssl.SSLError as exc:
-            raise TunnelError(f"{url}: TLS failed: {exc.reason or exc}") from None
+            raise TunnelError(f"{url}: TLS failed: {tls.explain(exc)}") from None
         except TunnelError as exc:
             raise TunnelError(f"{url}: {exc.reason}") from None
         except (OSError, ConnectionError) as exc:
