@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 CLUSTER_DIR ?= /tmp/velo-cluster
 
-.PHONY: demo test test-fast bench install clean system-deps cluster-bins cluster-up cluster-down env-readers
+.PHONY: demo test test-fast bench install clean system-deps cluster-bins cluster-up cluster-down env-readers integration-tools image node-bins test-images
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "velo needs Python 3.11+")'
@@ -46,7 +46,30 @@ cluster-bins:
 env-readers:
 	tests/env_readers/install.sh
 
-test: $(STAMP) system-deps cluster-bins env-readers
+# The Compose and Tilt tests: a Docker engine (Debian docker.io, started if not running), the
+# Compose v2 plugin and tilt, both built from the Go module proxy (+ npm for tilt's web UI)
+# into ~/.cache/velo/tools/<tool>-<version> (cold: compose ~5 min, tilt ~15 min; then no-ops).
+integration-tools:
+	@tests/docker/engine.sh >/dev/null || echo "no Docker engine: Docker tests will be skipped (an error under CI=true)"
+	@if command -v go >/dev/null; then tests/tools/compose.sh >/dev/null && tests/tools/tilt.sh >/dev/null; \
+	else echo "no Go toolchain: Compose and Tilt tests will be skipped (an error under CI=true)"; fi
+
+# The traffic-proxy image (proxy/Dockerfile), built offline on a local Debian base
+# (proxy/base-image.sh: debootstrap) in the Docker engine (tests/docker/engine.sh).
+image: $(STAMP)
+	PY=$(abspath $(PY)) proxy/build-image.sh
+
+# The real test node: kubelet + kube-proxy (same k8s sources), containerd 2 from the Go module
+# proxy, Debian's runc/CNI plugins/iptables (tests/cluster/build-node.sh; cached, version-keyed).
+node-bins: cluster-bins
+	@if command -v go >/dev/null; then tests/cluster/build-node.sh; \
+	else echo "no Go toolchain: real-node tests will be skipped (an error under CI=true)"; fi
+
+# For `make test`: a missing Docker engine is reported by the tests (skip, or fail under CI).
+test-images: $(STAMP)
+	@PY=$(abspath $(PY)) proxy/build-image.sh || echo "proxy image not built: image/real-node tests will be skipped (an error under CI=true)"
+
+test: $(STAMP) system-deps cluster-bins env-readers integration-tools node-bins test-images
 	$(PY) -m pytest
 
 cluster-up: $(STAMP) system-deps cluster-bins

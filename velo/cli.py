@@ -53,18 +53,25 @@ def cmd_up(args) -> int:
         raise UserError(f"--only {', '.join(unknown)}: no such [local.<name>] in {config.source_path.name} "
                         f"(candidates: {', '.join(config.local) or 'none'})")
 
+    compose = _compose_up(config) if args.compose else None
+
     async def main() -> int:
         up = Up(config, say=lambda line: print(line, flush=True), run_candidates=not args.no_run,
-                only=only or None, colour=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
+                only=only or None, colour=sys.stdout.isatty() and not os.environ.get("NO_COLOR"),
+                listen_host=compose and compose.listen_host)
         up.handle_signals()  # before start: a stop while waiting for the cluster is a stop too
         try:
             if await up.start_unless_stopped():
+                if compose is not None:
+                    await compose.start(up, lambda line: print(line, flush=True))
                 await up.run_until_stopped()
         except StartupError as exc:
             raise UserError(str(exc)) from None
         finally:  # also when start fails half-way or a stop lands during it
             if up.stopping.is_set():
                 print("velo: stopping", flush=True)
+            if compose is not None:
+                await compose.stop()
             await up.stop()
         return 1 if up.fatal else 0
 
@@ -85,6 +92,70 @@ def cmd_run(args) -> int:
         os.execvpe(command[0], command, {**os.environ, **env})
     except OSError as exc:
         raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+
+
+class _ComposeUp:
+    """`velo up --compose`: forwards on the docker bridge, the override, `docker compose up`."""
+
+    def __init__(self, config, listen_host: str):
+        self.config = config
+        self.listen_host = listen_host
+        self.run = None
+
+    async def start(self, up, say) -> None:
+        from velo.integrations import compose
+
+        try:
+            path, lines = compose.write(self.config, up.mesh.plan)
+        except compose.ComposeError as exc:
+            raise UserError(str(exc)) from None
+        for line in lines:
+            say(line)
+        say(f"velo: wrote {path.name}; forwards listen on {self.listen_host} (the docker bridge), "
+            f"where containers reach them as {compose.HOST_ALIAS}")
+
+        def exited(code: int) -> None:
+            if not up.stopping.is_set():
+                say(f"velo: docker compose up exited with code {code}; stopping")
+                up.fatal = up.fatal or (f"docker compose up exited with code {code}" if code else "")
+                up.stopping.set()
+
+        self.run = compose.ComposeRun(self.config, say)
+        await self.run.start(exited)
+
+    async def stop(self) -> None:
+        if self.run is not None:
+            await self.run.stop()
+
+
+def _compose_up(config) -> _ComposeUp:
+    from velo.integrations import compose
+
+    try:
+        compose.project_files(config)  # fail before anything starts
+        listen = config.remote.listen
+        if listen in ("127.0.0.1", "localhost", "::1"):
+            listen = compose.bridge_gateway()
+    except compose.ComposeError as exc:
+        raise UserError(str(exc)) from None
+    return _ComposeUp(config, listen)
+
+
+def cmd_compose(args) -> int:
+    from velo.integrations import compose
+
+    config = _config(args)
+    try:
+        path, lines = compose.write(config, _plan(config))
+    except compose.ComposeError as exc:
+        raise UserError(str(exc)) from None
+    print(f"velo: wrote {path}")
+    for line in lines:
+        print(line)
+    files = " ".join(f"-f {p.name}" for p in compose.project_files(config))
+    print(f"velo: run `velo up --compose`, or `velo up` with remote.listen on an address containers reach "
+          f"and `docker compose {files} -f {path.name} up`")
+    return 0
 
 
 def cmd_down(args) -> int:
@@ -158,7 +229,14 @@ def cmd_status(args) -> int:
         from rich.console import Console
 
         Console().print(status_table(status))
+    if args.ready and not _ready(status):
+        return 1
     return 0
+
+
+def _ready(status: dict) -> bool:
+    """Tunnel up and every reverse route listening at the gateway (for readiness probes)."""
+    return status["tunnel"]["state"] == "up" and all(r["state"] == "listening" for r in status["reverses"])
 
 
 def _plan(config):
@@ -303,12 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bring up only the mesh and the env file; start no candidate (for Tilt, Compose, ...)")
     p.add_argument("--only", action="append", metavar="NAME[,NAME]",
                    help="run only these candidates ([local.<name>]; repeatable)")
+    p.add_argument("--compose", action="store_true",
+                   help="also run `docker compose up` with velo's override (see `velo compose`); "
+                   "forwards then listen on the docker bridge")
 
     p = add("run", cmd_run, "run a one-off command with the environment of the running `velo up`",
             "Run CMD (a test suite, a migration, a REPL) with the environment velo gives the candidates, "
             "taken from the running `velo up` of this project: velo run -- CMD [ARGS...]")
     config_arg(p)
     p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    p = add("compose", cmd_compose, "write a Docker Compose override giving containerized candidates velo's env",
+            "Write compose.override (default docker-compose.velo.yml): for each candidate that is a Compose "
+            "service, velo's env with forwards at host.docker.internal, extra_hosts host-gateway, and the "
+            "candidate's port published on this machine for the reverse path.")
+    config_arg(p)
 
     p = add("down", cmd_down, "stop the `velo up` running for this project and undo its changes",
             "Stop the running `velo up` of this project (it restores what it changed), then repair "
@@ -324,6 +411,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "show the tunnel, listeners and traffic of the running `velo up`")
     config_arg(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--ready", action="store_true",
+                   help="exit 1 unless the tunnel is up and every reverse route listens (a readiness probe)")
 
     p = add("env", cmd_env, "print the environment velo gives the local candidate",
             "Print the environment variables of the plan (service addresses, candidate configuration, "
@@ -376,6 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "gateway restores the session's Services and removes its objects")
     p.add_argument("--lease-check", type=float, default=2.0, metavar="SECONDS",
                    help="how often to check the session's Lease (default: 2)")
+    p.add_argument("--version", action="version", version=f"velo {__version__}",
+                   help="print the version (the traffic-proxy image must match the client)")
     log_arg(p)
 
     p = add("demo", cmd_demo, "see velo work on this machine: no cluster, no config needed",

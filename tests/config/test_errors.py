@@ -237,7 +237,7 @@ def test_unknown_key_inside_remote_service_table() -> None:
 
 def test_unknown_key_without_a_close_match_lists_allowed_keys() -> None:
     assert errors(HEAD + "[remote]\nzzz = 1\n") == [
-        "velocity.toml: remote.zzz: unknown key; allowed keys: include, exclude, services"
+        "velocity.toml: remote.zzz: unknown key; allowed keys: include, exclude, services, listen"
     ]
     assert errors(HEAD + "[env]\nwhatever = 1\n") == [
         "velocity.toml: env.whatever: unknown key; allowed keys: file, format, vars"

@@ -33,6 +33,7 @@ __all__ = [
     "RemoteService",
     "RemoteConfig",
     "EnvConfig",
+    "ComposeConfig",
     "VelocityConfig",
     "DEFAULT_PROVIDER",
 ]
@@ -463,6 +464,9 @@ class RemoteConfig(_Model):
     include: NameList = Field(default_factory=lambda: ["*"])
     exclude: NameList = Field(default_factory=list)
     services: dict[DnsName, RemoteService] = Field(default_factory=dict)
+    # Address the forward listeners bind to. Loopback by default; "0.0.0.0" opens them to
+    # the network (velo up says so). `velo up --compose` binds the docker bridge instead.
+    listen: Host = "127.0.0.1"
 
 
 class EnvConfig(_Model):
@@ -471,6 +475,15 @@ class EnvConfig(_Model):
     file: Text = ".env"
     format: Annotated[str, BeforeValidator(_env_format)] = "dotenv"  # named for its reader: velo/engine/envfile.py
     vars: dict[EnvName, EnvValue] = Field(default_factory=dict)
+
+
+class ComposeConfig(_Model):
+    """``[compose]``: containerized candidates run by Docker Compose (`velo compose`)."""
+
+    files: NameList = Field(default_factory=list)   # default: Compose's own lookup
+    override: NonEmpty = "docker-compose.velo.yml"
+    # candidate name = Compose service name, where they differ
+    services: dict[DnsName, NonEmpty] = Field(default_factory=dict)
 
 
 class VelocityConfig(_Model):
@@ -486,6 +499,7 @@ class VelocityConfig(_Model):
     local: dict[DnsName, LocalService] = Field(default_factory=dict)
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
+    compose: ComposeConfig = Field(default_factory=ComposeConfig)
 
     _source_path: Path | None = PrivateAttr(default=None)
 
@@ -501,6 +515,10 @@ class VelocityConfig(_Model):
                         "it cannot also be a remote service",
                     )
                 )
+        for name in self.compose.services:
+            if name not in self.local:
+                problems.append((("compose", "services", name),
+                                 f"{show_value(name)} is not a development candidate (add [local.{name}])"))
         # Two forward proxies on one local port would only fail later at bind time; say
         # so here, at the key to change. (A provider's own rules, such as the static
         # provider's gateway ports, come from its table's ``check``.)

@@ -24,7 +24,7 @@ from velo.engine.candidates import Candidate, make_candidates
 from velo.engine.client import TunnelClient
 from velo.engine.control import ControlServer, socket_path
 from velo.engine.mesh import Mesh
-from velo.plan import Inventory, Plan, build_plan, describe, describe_forward
+from velo.plan import WILDCARD_HOSTS, Inventory, Plan, build_plan, describe, describe_forward
 from velo.plugins import PluginError, get_backend, get_provider
 from velo.provider import ProviderError, ProviderSession
 
@@ -40,12 +40,14 @@ class StartupError(Exception):
 
 class Up:
     def __init__(self, config: VelocityConfig, *, say: Callable[[str], None] = print,
-                 run_candidates: bool = True, only: list[str] | None = None, colour: bool = False):
+                 run_candidates: bool = True, only: list[str] | None = None, colour: bool = False,
+                 listen_host: str | None = None):
         self.config = config
         self.run_candidates = run_candidates  # False: `velo up --no-run`, an orchestrator runs them
         self.only = only
         self.colour = colour
         self.say = say
+        self.listen_host = listen_host  # overrides remote.listen (velo up --compose)
         self.session_id = secrets.token_hex(6)
         self.provider: ProviderSession | None = None
         self.inventory = Inventory()
@@ -92,7 +94,7 @@ class Up:
             await self.control.start()
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
-        plan = build_plan(config, self.inventory)
+        plan = build_plan(config, self.inventory, listen_host=self.listen_host)
         problems = await self.mesh.apply(plan)
         if problems:
             raise StartupError("\n".join(problems))
@@ -232,7 +234,7 @@ class Up:
     # ---- reconciling ------------------------------------------------------------
 
     async def _apply(self, reason: str) -> None:
-        plan = build_plan(self.config, self.inventory)
+        plan = build_plan(self.config, self.inventory, listen_host=self.listen_host)
         before = self.mesh.plan
         problems = await self.mesh.apply(plan)
         for problem in problems:
@@ -343,6 +345,9 @@ class Up:
         self.say(f"velo: project {config.project.name}, provider {config.cluster.provider}, session {self.session_id}")
         for line in describe(plan):
             self.say(line)
+        if plan.forwards and plan.forwards[0].local_host in WILDCARD_HOSTS:
+            self.say(f"velo: forwards listen on all interfaces ({plan.forwards[0].local_host}): "
+                     "anyone who reaches this machine reaches the cluster's services through them")
         if config.env.file:
             self.say(f"  env     {len(plan.env)} variables in {config.env.file}")
         self.say("velo: running; Ctrl-C stops and cleans up")
