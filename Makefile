@@ -28,11 +28,11 @@ demo: $(STAMP)
 # The cluster tests need iproute2 (network namespaces), util-linux and openssl; install
 # what is missing when we can (root on Debian), otherwise say what to install.
 system-deps:
-	@missing=""; for tool in ip unshare mount openssl curl; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
+	@missing=""; for tool in ip unshare mount openssl curl faketime; do command -v $$tool >/dev/null || missing="$$missing $$tool"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    echo "installing:$$missing"; apt-get update -qq && apt-get install -y -qq iproute2 util-linux mount openssl curl >/dev/null; \
-	  else echo "missing:$$missing (install iproute2 util-linux openssl curl); cluster tests will be skipped"; fi; \
+	    echo "installing:$$missing"; apt-get update -qq && apt-get install -y -qq iproute2 util-linux mount openssl curl faketime >/dev/null; \
+	  else echo "missing:$$missing (install iproute2 util-linux openssl curl faketime); cluster tests will be skipped"; fi; \
 	fi
 
 # Kubernetes binaries for the cluster tests, built from the Go module proxy into

@@ -69,27 +69,38 @@ def test_bad_edit_keeps_last_good_config(procs, tmp_path):
     up, _gateway, _http = procs.web_mesh("kept")
     config = up.config
     port = up.port("web")
-    config.write_text(config.read_text().replace("[tunnel]", "[tunnel]\nbakend = 1"))
-    up.proc.wait_log('tunnel.bakend: unknown key; did you mean "backend"?')
+    config.write_text(config.read_text().replace("[tunnel]", "[tunnel]\nprefr = 1"))
+    up.proc.wait_log('tunnel.prefr: unknown key; did you mean "prefer"?')
     assert "last good config" in up.proc.log()
     assert up.status()["last_reload_error"]
     assert http_get(port).endswith(b"kept")
 
 
+WS = '[tunnel.websocket]\nurl = "ws://h:1/v"\n'
 BAD_CONFIGS = {
     "syntax": ('[project]\nname = "x"\n[tunnel\n', "velocity.toml:3:8: invalid TOML"),
     "schema": (
-        '[project]\nname = "x"\n[tunnel]\nurl = "ws://h:1/v"\ntoken = "t"\n[local.website]\nport = "abc"\nexpose = 1\n',
+        '[project]\nname = "x"\n[tunnel]\ntoken = "t"\n' + WS + '[local.website]\nport = "abc"\nexpose = 1\n',
         'velocity.toml: local.website.port: expected an integer 1-65535, got "abc"',
     ),
     "typo": (
-        '[project]\nname = "x"\n[tunnel]\nbakend = "websocket"\nurl = "ws://h:1/v"\ntoken = "t"\n',
-        'velocity.toml: tunnel.bakend: unknown key; did you mean "backend"?',
+        '[project]\nname = "x"\n[tunnel]\nprefr = ["websocket"]\ntoken = "t"\n' + WS,
+        'velocity.toml: tunnel.prefr: unknown key; did you mean "prefer"?',
     ),
-    "missing": ('[project]\n[tunnel]\nurl = "ws://h:1/v"\ntoken = "t"\n', "velocity.toml: project.name: required key is missing"),
+    "missing": ('[project]\n[tunnel]\ntoken = "t"\n' + WS, "velocity.toml: project.name: required key is missing"),
     "backend": (
-        '[project]\nname = "x"\n[tunnel]\nbackend = "websockt"\nurl = "ws://h:1/v"\ntoken = "t"\n',
-        'velo: tunnel.backend: unknown tunnel backend "websockt"; did you mean "websocket"? installed: ',
+        '[project]\nname = "x"\n[tunnel]\nprefer = ["websockt"]\ntoken = "t"\n' + WS,
+        'velo: tunnel.prefer[0]: unknown tunnel backend "websockt"; did you mean "websocket"? installed: ',
+    ),
+    "scheme": (
+        '[project]\nname = "x"\n[tunnel]\ntoken = "t"\n[tunnel.websocket]\nurl = "ftp://x"\n',
+        'velocity.toml: tunnel.websocket.url: expected a ws:// or wss:// URL (this backend serves no ftp://), '
+        'got "ftp://x"',
+    ),
+    "old-keys": (
+        '[project]\nname = "x"\n[tunnel]\nbackend = "websocket"\nurl = "ws://h:1/v"\ntoken = "t"\n',
+        'velocity.toml: tunnel.backend: replaced by [tunnel] prefer (the backends in order); '
+        'write prefer = ["websocket"]',
     ),
 }
 
@@ -177,8 +188,8 @@ def test_demo_shows_forward_and_reverse_and_leaves_nothing(tmp_path):
 
 def test_run_command_gets_the_env_and_stops_with_velo(procs, tmp_path):
     http = procs.server("http", text="remote")
-    gateway = procs.gateway(f"127.0.0.1:{http}")
     candidate_port, expose = free_port(), free_port()
+    gateway = procs.gateway(f"127.0.0.1:{http}", allow_reverse=[expose])
     config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
                           local={"website": (candidate_port, expose)})
     ready = tmp_path / "candidate.port"

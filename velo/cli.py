@@ -52,17 +52,16 @@ def cmd_up(args) -> int:
     async def main() -> int:
         say = lambda line: print(line, flush=True)  # noqa: E731
         up = Up(config, say=say, listen_host=compose and compose.listen_host)
-        started = False
+        up.handle_signals()  # before start: a stop while waiting for the cluster is a stop too
         try:
-            await up.start()
-            started = True
-            if compose is not None:
-                await compose.start(up, say)
-            await up.run_until_stopped()
+            if await up.start_unless_stopped():
+                if compose is not None:
+                    await compose.start(up, say)
+                await up.run_until_stopped()
         except StartupError as exc:
             raise UserError(str(exc)) from None
-        finally:  # also when start fails half-way or Ctrl-C lands during it
-            if started:
+        finally:  # also when start fails half-way or a stop lands during it
+            if up.stopping.is_set():
                 print("velo: stopping", flush=True)
             if compose is not None:
                 await compose.stop()
@@ -145,7 +144,7 @@ def cmd_down(args) -> int:
     try:
         request(socket_path(config.root), "shutdown", timeout=10)
         print("velo: asked the running `velo up` to stop")
-        _wait_gone(socket_path(config.root), timeout=config.cluster.ready_timeout)
+        _wait_gone(socket_path(config.root), timeout=getattr(config.cluster, "ready_timeout", 120.0))
         print("velo: stopped")
     except (ConnectionError, OSError):
         print(f"velo: nothing running for {config.root}")
@@ -177,7 +176,7 @@ def cmd_rbac(args) -> int:
     if namespace is None:
         try:
             config = _config(args)
-            namespace = config.cluster.namespace or None
+            namespace = getattr(config.cluster, "namespace", "") or None
             provider_name = config.cluster.provider
         except ConfigError:
             pass
@@ -240,9 +239,10 @@ def cmd_config_check(args) -> int:
     check_backends(config)
     plan = _plan(config)
     print(f"{config.source_path}: ok")
-    print(f"project {config.project.name}: provider {config.cluster.provider}, "
-          f"tunnel {config.tunnel.backend}{' -> ' + ', '.join(config.tunnel.fallback) if config.tunnel.fallback else ''}"
-          f"{' ' + config.tunnel.url if config.tunnel.url else ''}")
+    tunnel = config.tunnel
+    tried = [f"{name} {getattr(tunnel.table(name), 'url', None) or '(through the provider)'}"
+             for name in tunnel.preference]
+    print(f"project {config.project.name}: provider {config.cluster.provider}, tunnel {' -> '.join(tried)}")
     for line in describe(plan):
         print(line)
     if config.env.file:
@@ -385,9 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow", action="append", default=[], metavar="HOST:PORT",
                    help="forward targets clients may reach (fnmatch patterns, e.g. 'db:5432', "
                    "'*.shop.svc.cluster.local:*'; repeatable; nothing is allowed by default)")
+    p.add_argument("--allow-reverse", action="append", default=[], metavar="PORT",
+                   help="a port (or LOW-HIGH range) clients may open a reverse listener on; repeatable; "
+                   "none by default")
+    p.add_argument("--limit", action="append", default=[], metavar="NAME=N",
+                   help="cap what one peer may use: tunnels (per token, default 64), streams (open per tunnel, "
+                   "8192), accepting (per tunnel, waiting for header or dial, 4096), control (messages per "
+                   "minute, 60), reverse (listeners per session, 256)")
     p.add_argument("--token-env", default="VELO_TOKEN", metavar="NAME",
                    help="environment variable holding the bearer token (default: VELO_TOKEN)")
     p.add_argument("--token-file", metavar="PATH", help="read the bearer token from this file instead")
+    p.add_argument("--tls-cert", metavar="PEM", help="certificate chain for wss:// and https:// listeners")
+    p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert")
     p.add_argument("--reverse-host", default="0.0.0.0", metavar="ADDR",
                    help="address reverse listeners bind to (default: 0.0.0.0)")
     p.add_argument("--keepalive-interval", type=float, default=5.0, metavar="SECONDS")

@@ -19,8 +19,9 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 def velo_tunnel_backends() -> list:
     """Return TunnelBackend instances this plugin provides.
 
-    Each has a unique ``name`` (what ``[tunnel] backend`` selects) and the URL
-    ``schemes`` it understands (what ``velo gateway --listen`` selects by).
+    Each has a unique ``name`` (what ``[tunnel] prefer`` lists and ``[tunnel.<name>]``
+    configures) and the URL ``schemes`` it serves (what ``velo gateway --listen``
+    selects by).
     """
 
 
@@ -31,4 +32,16 @@ def velo_cluster_providers() -> list:
     A provider turns ``velocity.toml`` plus whatever it can discover (a cluster
     API, or nothing for ``static``) into the inventory of remote services,
     the tunnel endpoint and the in-cluster side of the reverse path.
+    """
+
+
+@hookspec
+def velo_config_tables() -> dict:
+    """Return the pydantic models of the ``velocity.toml`` tables this plugin owns.
+
+    Keys are ``"tunnel.<backend name>"`` for a backend's table (``[tunnel.websocket]``)
+    and ``"cluster.<provider name>"`` for a provider's keys, written flat under
+    ``[cluster]`` next to ``provider``. Models subclass ``velo.config.tables.BackendTable``
+    or ``ProviderTable``: unknown keys get the same "did you mean" error as core keys,
+    and ``check(config)`` adds rules that look at the whole file.
     """

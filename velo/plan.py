@@ -39,7 +39,7 @@ class Reverse:
     gateway_port: int
     local_host: str
     local_port: int
-    target_name: str = ""   # the Service's targetPort when it names a container port
+    service_port: int = 0   # the Service port whose traffic this is (a provider may repoint its targetPort)
 
     @property
     def key(self) -> str:
@@ -98,10 +98,11 @@ def describe_forward(f: Forward) -> str:
     return f"  forward {f.key:24} {f.local_host}:{f.local_port} -> {f.target_host}:{f.target_port}"
 
 
-def stable_port(key: str, taken: set[int]) -> int:
-    """A local port derived from the name, so it is the same on every run and machine."""
+def stable_port(key: str, taken: set[int], project: str = "") -> int:
+    """A local port derived from the project and the name: the same on every run and
+    machine, and different for two projects that forward the same Service names."""
     low, high = PORT_RANGE
-    port = low + zlib.crc32(key.encode()) % (high - low)
+    port = low + zlib.crc32(f"{project}/{key}".encode() if project else key.encode()) % (high - low)
     while port in taken:
         port = low + (port - low + 1) % (high - low)
     return port
@@ -145,7 +146,7 @@ def build_plan(config, inventory: Inventory, *, listen_host: str | None = None) 
         single = len(service.ports) == 1
         for port in service.ports:
             key = port_key(service.name, "" if single else port.name or str(port.port))
-            local_port = fixed.get(key) or fixed.get(port_key(service.name, port.name)) or stable_port(key, taken)
+            local_port = fixed.get(key) or fixed.get(port_key(service.name, port.name)) or stable_port(key, taken, config.project.name)
             taken.add(local_port)
             forwards.append(Forward(service.name, port.name, port.port, host, local_port,
                                     port.target_host, port.target_port, single))

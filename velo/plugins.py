@@ -41,6 +41,18 @@ def providers() -> dict:
     return found
 
 
+def config_tables() -> dict:
+    """``"tunnel.<backend>"`` / ``"cluster.<provider>"`` -> model, from every plugin."""
+    from velo.config.tables import check_table_models
+
+    found: dict = {}
+    for result in plugin_manager().hook.velo_config_tables():
+        for key, model in (result or {}).items():
+            found.setdefault(key, model)
+    check_table_models(found)
+    return found
+
+
 def _unknown(kind: str, key: str, name: str, installed: dict) -> PluginError:
     names = sorted(installed)
     close = difflib.get_close_matches(name, names, n=1)
@@ -50,7 +62,7 @@ def _unknown(kind: str, key: str, name: str, installed: dict) -> PluginError:
     )
 
 
-def get_backend(name: str, key: str = "tunnel.backend") -> TunnelBackend:
+def get_backend(name: str, key: str = "tunnel.prefer") -> TunnelBackend:
     installed = backends()
     if name not in installed:
         raise _unknown("tunnel backend", key, name, installed)

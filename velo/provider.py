@@ -8,19 +8,12 @@ through providers registered by the ``velo_cluster_providers`` hook.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import AsyncIterator, ClassVar
 
 from velo.plan import Inventory
+from velo.transport import Endpoint
 
-
-@dataclass(frozen=True)
-class Endpoint:
-    """One way to reach a gateway: try them in order."""
-
-    backend: str
-    url: str
-    token: str
+__all__ = ["Endpoint", "Provider", "ProviderError", "ProviderSession"]
 
 
 class ProviderError(Exception):
@@ -37,8 +30,21 @@ class ProviderSession:
         """velocity.toml changed in ways that need no reconnect (services, env, locals)."""
         self.config = config
 
+    async def reconfigure(self, config) -> None:
+        """``update_config`` for a provider that must act on the change remotely (e.g.
+        restore a Service that is no longer a candidate)."""
+        self.update_config(config)
+
+    def reload_refused(self, config) -> str | None:
+        """Why this running session cannot take ``config`` live (the user must restart), or None."""
+        return None
+
     async def endpoints(self) -> list[Endpoint]:
-        """Asked before every (re)connect, so a provider can follow a restarted pod."""
+        """Asked before every (re)connect, so a provider can follow a restarted pod.
+
+        One per backend of ``config.tunnel.preference``, in that order; the client
+        tries them in turn.
+        """
         raise NotImplementedError
 
     async def inventory(self) -> Inventory:
@@ -49,8 +55,13 @@ class ProviderSession:
         return
         yield  # unreachable; makes this an async generator that yields nothing
 
-    async def start(self, say) -> None:
-        """`velo up` only: make the remote side (traffic-proxy, intercepts).  ``say`` prints progress."""
+    async def start(self, say, path_ready=None) -> None:
+        """`velo up` only: make the remote side (traffic-proxy, intercepts).  ``say`` prints progress.
+
+        ``path_ready(timeout)`` waits until the tunnel is up and the gateway has bound the
+        reverse listeners; it returns None, or why not.  A provider redirects cluster
+        traffic only after it returned None, so nothing points at a dead end.
+        """
 
     async def keepalive(self) -> None:
         """Runs for the life of `velo up` (e.g. renewing a lease); raising stops velo with its message."""

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import ssl
-from dataclasses import dataclass
-from typing import Callable, ClassVar, Protocol
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Protocol
 
 
 class TunnelSink(Protocol):
@@ -28,7 +28,13 @@ class TunnelSink(Protocol):
 
 
 class TunnelPipe(Protocol):
-    """What a backend gives velo: the sending end of one tunnel connection."""
+    """What a backend gives velo: the sending end of one tunnel connection.
+
+    A backend whose protocol multiplexes natively (HTTP/2) may also offer
+    ``new_session(client=..., tuner=...)`` returning an object with
+    ``velo.mux.Session``'s sans-IO API; the tunnel then drives its streams
+    through that instead of running yamux over the pipe (velo/backends/h2.py).
+    """
 
     peer: str
 
@@ -54,6 +60,30 @@ class TunnelError(Exception):
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """One way to reach a gateway, as the provider resolved it for this attempt.
+
+    Everything a backend needs to dial travels in here (not as more ``connect``
+    arguments), so a new option does not change every backend's signature.
+    """
+
+    backend: str
+    url: str
+    token: str = field(repr=False)  # never in a repr, a log line or a traceback
+    settings: Any = None
+    """The backend's validated ``[tunnel.<name>]`` table (None when built in code)."""
+    ssl_context: ssl.SSLContext | None = None
+    headers: tuple[tuple[str, str], ...] = field(default=(), repr=False)  # may carry credentials
+    """Extra request headers, e.g. the Kubernetes apiserver's Authorization."""
+    label: str = ""
+    """What `velo status` shows instead of the URL (e.g. "pod velo-proxy-abc")."""
+
+    @property
+    def shown(self) -> str:
+        return self.label or self.url
+
+
+@dataclass(frozen=True)
 class GatewayListen:
     """Where and how a gateway accepts tunnels for one backend."""
 
@@ -71,17 +101,13 @@ class TunnelBackend:
     schemes: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
 
-    async def connect(
-        self,
-        url: str,
-        token: str,
-        sink_factory: SinkFactory,
-        *,
-        timeout: float,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> TunnelPipe:
-        """Open one tunnel to ``url``.  Raise TunnelError on failure
-        (``auth=True`` when the gateway rejected the token)."""
+    async def connect(self, endpoint: Endpoint, sink_factory: SinkFactory, *, timeout: float) -> TunnelPipe:
+        """Open one tunnel to ``endpoint``, all of it within ``timeout`` seconds.
+
+        Raise TunnelError on failure (``auth=True`` when the gateway rejected the
+        token). Any other exception also counts as this backend failing; a
+        cancellation must propagate as CancelledError and leave no socket behind.
+        """
         raise NotImplementedError
 
     async def serve(

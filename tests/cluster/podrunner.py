@@ -109,6 +109,33 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
+def knobs_path(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / "podrunner-knobs.json"
+
+
+def set_start_delay(state_dir: str | os.PathLike, namespace: str, seconds: float) -> None:
+    """Start the processes of ``namespace``'s traffic-proxy pods ``seconds`` after kwok reports
+    them Running: a slow start (a cold image pull on a real node).  0 removes the delay."""
+    path = knobs_path(state_dir)
+    knobs: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        knobs = json.loads(path.read_text())
+    delays = knobs.setdefault("start_delay", {})
+    if seconds:
+        delays[namespace] = seconds
+    else:
+        delays.pop(namespace, None)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(knobs))
+    tmp.replace(path)
+
+
+def _start_delay(state_dir: Path, namespace: str) -> float:
+    with contextlib.suppress(OSError, ValueError):
+        return float(json.loads(knobs_path(state_dir).read_text()).get("start_delay", {}).get(namespace, 0))
+    return 0.0
+
+
 def _setns(fd: int) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         e = ctypes.get_errno()
@@ -239,6 +266,7 @@ class PodRunner:
         self.services: dict[tuple[str, str], str] = {}  # (ns, name) -> ClusterIP
         self.procs: dict[str, PodProc] = {}        # uid -> process record
         self.failed_at: dict[str, float] = {}      # uid -> last failed start (retry backoff)
+        self.first_seen: dict[str, float] = {}     # uid -> when it was first wanted (start delay knob)
         self.dirty = threading.Event()
         self.stopping = threading.Event()
         self.synced = {"pods": threading.Event(), "services": threading.Event()}
@@ -322,12 +350,17 @@ class PodRunner:
             if pod is None or pod.metadata.deletion_timestamp is not None:
                 del self.procs[uid]
                 threading.Thread(target=self._stop_proc, args=(rec, pod), daemon=True).start()
+        for uid in [u for u in self.first_seen if u not in pods]:
+            del self.first_seen[uid]
         # new Running traffic-proxy pods -> start
         now = time.monotonic()
         for uid, pod in pods.items():
             if uid in self.procs or not self._wanted(pod):
                 continue
             if now - self.failed_at.get(uid, -1e9) < 2:
+                continue
+            seen = self.first_seen.setdefault(uid, now)
+            if now - seen < _start_delay(self.state_dir, pod.metadata.namespace):
                 continue
             rec = PodProc(pod)
             try:

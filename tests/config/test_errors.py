@@ -6,14 +6,17 @@ from pathlib import Path
 
 import pytest
 
-from velo.config import ConfigError, load_config, parse_config
+from velo.config import ConfigError, installed_tables, load_config, parse_config
+from velo.config.tables import BackendTable
 
 HEAD = """\
 [project]
 name = "shop"
 
-[tunnel]
+[tunnel.websocket]
 url = "ws://127.0.0.1:7070/velo"
+
+[tunnel]
 token_env = "VELO_TOKEN"
 """
 
@@ -31,8 +34,8 @@ def errors(text: str) -> list[str]:
 
 
 def test_toml_syntax_error_has_line_and_column() -> None:
-    text = '[project]\nname = "shop"\n[tunnel]\nbackend = websocket\n'
-    assert errors(text) == ["velocity.toml:4:11: invalid TOML: Invalid value"]
+    text = '[project]\nname = "shop"\n[tunnel]\nprefer = websocket\n'
+    assert errors(text) == ["velocity.toml:4:10: invalid TOML: Invalid value"]
 
 
 def test_toml_duplicate_key() -> None:
@@ -90,13 +93,13 @@ def test_assorted_value_messages() -> None:
 name = "Shop"
 [cluster]
 provider = ""
-lease_seconds = 2
 [tunnel]
-url = "not a url"
 token_env = "1BAD"
 connect_timeout = 0
 wait_for_tunnel = -1
-fallback = "grpc"
+prefer = "grpc"
+[tunnel.websocket]
+url = "not a url"
 [local.website]
 ports = { http = 3000, BAD = 1 }
 workload = "pod/website"
@@ -111,13 +114,13 @@ LIST = [1, 2]
         'velocity.toml: project.name: expected lowercase letters, digits and "-" (starting and ending with a letter '
         'or digit, at most 63 characters), got "Shop"',
         "velocity.toml: cluster.provider: must not be empty",
-        "velocity.toml: cluster.lease_seconds: expected an integer 5-3600, got 2",
-        'velocity.toml: tunnel.fallback: expected an array of strings, got "grpc"',
-        'velocity.toml: tunnel.url: expected a URL with a host, like "ws://127.0.0.1:7070/velo", got "not a url"',
+        'velocity.toml: tunnel.prefer: expected an array of strings, got "grpc"',
         'velocity.toml: tunnel.token_env: expected an environment variable name (letters, digits and "_", not '
         'starting with a digit), got "1BAD"',
         "velocity.toml: tunnel.connect_timeout: expected a number of seconds greater than 0, got 0",
         "velocity.toml: tunnel.wait_for_tunnel: expected a number of seconds 0 or more, got -1",
+        'velocity.toml: tunnel.websocket.url: expected a URL with a host, like "ws://127.0.0.1:7070/velo", '
+        'got "not a url"',
         'velocity.toml: local.website.ports.BAD: expected a port name (lowercase letters, digits and "-") or a port '
         'number, got "BAD"',
         'velocity.toml: local.website.workload: expected "<kind>/<name>" with kind deployment or statefulset, '
@@ -145,8 +148,78 @@ def test_unknown_key_top_level() -> None:
 
 
 def test_unknown_key_nested() -> None:
-    assert errors(HEAD + 'bakend = "websocket"\n') == [
-        'velocity.toml: tunnel.bakend: unknown key; did you mean "backend"?'
+    assert errors(HEAD + 'prefr = ["websocket"]\n') == [
+        'velocity.toml: tunnel.prefr: unknown key; did you mean "prefer"?'
+    ]
+
+
+def test_unknown_key_inside_a_backend_table() -> None:
+    """[tunnel.websocket] is the websocket plugin's model, with the same "did you mean"."""
+    assert errors(HEAD.replace('url = "ws', 'ulr = "ws')) == [
+        "velocity.toml: tunnel.websocket.url: required key is missing",
+        'velocity.toml: tunnel.websocket.ulr: unknown key; did you mean "url"?',
+    ]
+
+
+def test_unknown_backend_table_suggests_the_installed_one() -> None:
+    assert errors(HEAD + '[tunnel.websockt]\nurl = "ws://h:1/v"\n') == [
+        'velocity.toml: tunnel.websockt: unknown key; did you mean "websocket"?'
+    ]
+
+
+def test_backend_table_must_be_a_table() -> None:
+    assert errors('[project]\nname = "shop"\n[tunnel]\ntoken = "t"\nwebsocket = "ws://h:1/v"\n') == [
+        'velocity.toml: tunnel.websocket: expected a table, got "ws://h:1/v"'
+    ]
+
+
+def test_unknown_key_of_the_provider_is_checked_by_its_model() -> None:
+    text = '[project]\nname = "shop"\n[cluster]\nprovider = "kubernetes"\nnamepsace = "shop"\n'
+    assert errors(text) == ['velocity.toml: cluster.namepsace: unknown key; did you mean "namespace"?']
+    text = '[project]\nname = "shop"\n[cluster]\nprovider = "kubernetes"\nzzz = 1\n'
+    assert errors(text) == [
+        "velocity.toml: cluster.zzz: unknown key; allowed keys: provider, context, namespace, lease_seconds, "
+        "proxy_image, ready_timeout, proxy_cpu_request, proxy_memory_request, proxy_cpu_limit, proxy_memory_limit"
+    ]
+
+
+def test_provider_keys_get_the_same_value_messages() -> None:
+    text = '[project]\nname = "shop"\n[cluster]\nprovider = "kubernetes"\nlease_seconds = 2\nready_timeout = 0\n'
+    assert errors(text) == [
+        "velocity.toml: cluster.lease_seconds: expected an integer 5-3600, got 2",
+        "velocity.toml: cluster.ready_timeout: expected a number of seconds greater than 0, got 0",
+    ]
+
+
+def test_kubernetes_keys_under_the_static_provider() -> None:
+    assert errors(HEAD + '[cluster]\ncontext = "kind"\n') == [
+        'velocity.toml: cluster.context: unknown key; allowed keys: provider'
+    ]
+
+
+def test_old_backend_and_fallback_keys_say_what_to_write() -> None:
+    assert errors(HEAD + 'backend = "websocket"\nfallback = ["tcp"]\n') == [
+        'velocity.toml: tunnel.backend: replaced by [tunnel] prefer (the backends in order); '
+        'write prefer = ["websocket", "tcp"]'
+    ]
+    assert errors(HEAD + 'fallback = ["tcp"]\n') == [
+        'velocity.toml: tunnel.fallback: replaced by [tunnel] prefer (the backends in order); '
+        'write prefer = ["tcp"]'
+    ]
+
+
+def test_old_tunnel_url_names_the_table_it_moved_to() -> None:
+    text = '[project]\nname = "shop"\n[tunnel]\nurl = "wss://gw.example/velo"\ntoken = "t"\n'
+    assert errors(text) == [
+        'velocity.toml: tunnel.url: moved into the backend\'s own table; write [tunnel.websocket] '
+        'url = "wss://gw.example/velo"'
+    ]
+
+
+def test_url_scheme_must_be_one_the_backend_serves() -> None:
+    assert errors(HEAD.replace("ws://127.0.0.1:7070/velo", "ftp://x")) == [
+        'velocity.toml: tunnel.websocket.url: expected a ws:// or wss:// URL (this backend serves no ftp://), '
+        'got "ftp://x"'
     ]
 
 
@@ -204,7 +277,8 @@ def test_expose_keys_must_match_ports() -> None:
 def test_static_provider_needs_addresses() -> None:
     text = '[project]\nname = "shop"\n[local.web]\nport = 3000\n[remote.services.db]\nlocal_port = 5432\n'
     assert errors(text) == [
-        'velocity.toml: tunnel.url: required when cluster.provider is "static"',
+        'velocity.toml: tunnel: a backend table with a url, e.g. [tunnel.websocket] url = "ws://HOST:7070/velo", '
+        'is required when cluster.provider is "static"',
         'velocity.toml: tunnel: one of token, token_env or token_file is required when cluster.provider is "static"',
         'velocity.toml: local.web.expose: required when cluster.provider is "static"',
         'velocity.toml: remote.services.db.target: required when cluster.provider is "static"',
@@ -235,20 +309,38 @@ def test_listener_ports_must_be_unique() -> None:
     ]
 
 
-def test_fallback_must_not_repeat_backend() -> None:
-    assert errors(HEAD + 'fallback = ["grpc", "websocket", "grpc"]\n') == [
-        'velocity.toml: tunnel.fallback[1]: "websocket" is the main backend',
-        'velocity.toml: tunnel.fallback[2]: "grpc" is listed twice',
+def test_prefer_must_not_repeat_a_backend() -> None:
+    assert errors(HEAD + 'prefer = ["websocket", "grpc", "websocket"]\n') == [
+        'velocity.toml: tunnel.prefer[2]: "websocket" is listed twice',
+    ]
+    assert errors(HEAD + "prefer = []\n") == ["velocity.toml: tunnel.prefer: must name at least one backend"]
+
+
+class _NoUrlTable(BackendTable):
+    """A backend that dials through the provider (like port-forward) and has no url."""
+
+
+def test_static_provider_cannot_use_a_backend_without_url() -> None:
+    tables = {**installed_tables(), "tunnel.through-api": _NoUrlTable}
+    with pytest.raises(ConfigError) as info:
+        parse_config(HEAD + 'prefer = ["websocket", "through-api"]\n', Path("velocity.toml"), tables=tables)
+    assert info.value.messages == [
+        'velocity.toml: tunnel.prefer: "through-api" has no url; the static provider reaches a gateway only by URL'
     ]
 
 
-def test_tunnel_url_scheme_is_free_but_needs_a_host() -> None:
-    parse_config(HEAD.replace("ws://", "quic://"), Path("velocity.toml"))
+def test_a_preferred_backend_without_its_table_needs_its_keys() -> None:
+    text = '[project]\nname = "shop"\n[cluster]\nprovider = "kubernetes"\n[tunnel]\nprefer = ["websocket"]\n'
+    assert errors(text) == ["velocity.toml: tunnel.websocket.url: required key is missing"]
+
+
+def test_tunnel_url_needs_a_host_and_port() -> None:
     assert errors(HEAD.replace("ws://127.0.0.1:7070/velo", "ws:///velo")) == [
-        'velocity.toml: tunnel.url: expected a URL with a host, like "ws://127.0.0.1:7070/velo", got "ws:///velo"'
+        'velocity.toml: tunnel.websocket.url: expected a URL with a host, like "ws://127.0.0.1:7070/velo", '
+        'got "ws:///velo"'
     ]
     assert errors(HEAD.replace("7070", "70700")) == [
-        'velocity.toml: tunnel.url: expected a URL with a port 1-65535, got "ws://127.0.0.1:70700/velo"'
+        'velocity.toml: tunnel.websocket.url: expected a URL with a port 1-65535, got "ws://127.0.0.1:70700/velo"'
     ]
 
 
@@ -261,9 +353,11 @@ def test_multiple_errors_are_reported_together() -> None:
 nmae = "shop"
 
 [tunnel]
-url = "ws://127.0.0.1:7070/velo"
 token_env = "VELO_TOKEN"
 keepalive_interval = 20.0
+
+[tunnel.websocket]
+url = "ws://127.0.0.1:7070/velo"
 
 [local.website]
 port = "abc"

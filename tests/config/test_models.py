@@ -25,8 +25,10 @@ MINIMAL_STATIC = """\
 name = "shop"
 
 [tunnel]
-url = "ws://127.0.0.1:7070/velo"
 token = "secret"
+
+[tunnel.websocket]
+url = "ws://127.0.0.1:7070/velo"
 
 [local.website]
 port = 3000
@@ -68,10 +70,9 @@ def parse(text: str) -> VelocityConfig:
 def test_minimal_static_config() -> None:
     config = parse(MINIMAL_STATIC)
     assert config.project.name == "shop"
-    assert config.cluster == ClusterConfig(provider="static", context="", namespace="", lease_seconds=30)
-    assert config.cluster.is_static
-    assert config.tunnel.backend == "websocket"
-    assert config.tunnel.fallback == []
+    assert config.cluster.provider == "static"
+    assert config.tunnel.prefer is None and config.tunnel.preference == ["websocket"]
+    assert config.tunnel.table("websocket").url == "ws://127.0.0.1:7070/velo"
     assert config.tunnel.token_source == "token"
     assert (config.tunnel.connect_timeout, config.tunnel.keepalive_interval) == (10.0, 5.0)
     assert (config.tunnel.keepalive_timeout, config.tunnel.reconnect_max_delay) == (15.0, 1.0)
@@ -85,9 +86,11 @@ def test_minimal_static_config() -> None:
 
 def test_kubernetes_needs_no_url_or_token() -> None:
     config = parse(KUBERNETES)
-    assert config.cluster.provider == "kubernetes" and not config.cluster.is_static
-    assert config.cluster.lease_seconds == 60
-    assert config.tunnel.url is None and config.tunnel.token_source is None
+    assert config.cluster.provider == "kubernetes"
+    assert config.cluster.lease_seconds == 60 and config.cluster.settings.lease_seconds == 60
+    assert config.cluster.namespace == "shop" and config.cluster.ready_timeout == 120.0  # defaults filled in
+    assert config.tunnel.preference == ["port-forward"]  # the provider's default: no url needed
+    assert config.tunnel.token_source is None
     website = config.local["website"]
     assert website.port is None and website.ports == {"http": 3000, "9100": 9100}
     assert website.expose is None
@@ -99,6 +102,32 @@ def test_kubernetes_needs_no_url_or_token() -> None:
 def test_any_provider_name_is_accepted_for_plugins() -> None:
     config = parse('[project]\nname = "shop"\n[cluster]\nprovider = "nomad"\n')
     assert config.cluster.provider == "nomad"
+    with pytest.raises(AttributeError):
+        config.cluster.namespace  # noqa: B018 - the static/nomad providers own no such key
+
+
+def test_prefer_orders_the_backends_and_each_keeps_its_own_url() -> None:
+    config = parse(
+        MINIMAL_STATIC.replace('token = "secret"', 'token = "secret"\nprefer = ["tcp", "websocket"]')
+        + '[tunnel.tcp]\nurl = "tcp://127.0.0.1:7071"\n'
+    )
+    assert config.tunnel.preference == ["tcp", "websocket"]
+    assert config.tunnel.table("tcp").url == "tcp://127.0.0.1:7071"
+    assert config.tunnel.table("websocket").url == "ws://127.0.0.1:7070/velo"
+
+
+def test_without_prefer_the_backend_tables_are_tried_in_file_order() -> None:
+    config = parse(MINIMAL_STATIC.replace("[tunnel.websocket]", '[tunnel.tcp]\nurl = "tcp://h:1"\n[tunnel.websocket]'))
+    assert config.tunnel.preference == ["tcp", "websocket"]
+
+
+def test_a_plugin_table_change_makes_the_tunnel_differ() -> None:
+    """`velo up` reconnects when [tunnel] changed; a backend table is part of it."""
+    one = parse(MINIMAL_STATIC)
+    two = parse(MINIMAL_STATIC.replace("7070", "7071"))
+    assert one.tunnel != two.tunnel and one.tunnel == parse(MINIMAL_STATIC).tunnel
+    kube = parse(KUBERNETES)
+    assert kube.cluster != parse(KUBERNETES.replace("lease_seconds = 60", "lease_seconds = 61")).cluster
 
 
 def test_multi_port_expose_and_ipv6_target() -> None:
@@ -152,8 +181,9 @@ def test_example_file_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     config = load_config("velocity.toml.example")
     assert config.project.name == "shop"
-    assert config.cluster.is_static
+    assert config.cluster.provider == "static"
     assert config.tunnel.token_source == "token_env"
+    assert config.tunnel.preference == ["websocket"]
     assert set(config.local) == {"website"} and config.local["website"].expose == 18080
     assert config.remote.services["backend"].target == "127.0.0.1:9001"
     assert config.env.vars == {"LOG_LEVEL": "debug"}
@@ -163,10 +193,12 @@ def test_example_file_mentions_every_key() -> None:
     """The example is the documentation: each schema key must appear in it."""
     text = (REPO / "velocity.toml.example").read_text()
     models = [VelocityConfig, ClusterConfig, TunnelConfig, LocalService, RemoteService, EnvConfig]
-    from velo.config import ProjectConfig, RemoteConfig
+    from velo.config import ProjectConfig, RemoteConfig, installed_tables
     from velo.config.models import ComposeConfig
 
     models += [ProjectConfig, RemoteConfig, ComposeConfig]
+    # the built-in plugins' tables are documented there too (not third-party ones)
+    models += [model for key, model in installed_tables().items() if model.__module__.startswith("velo.")]
     missing = [
         f"{model.__name__}.{name}"
         for model in models

@@ -12,8 +12,10 @@ BASE = """\
 [project]
 name = "shop"
 
-[tunnel]
+[tunnel.websocket]
 url = "ws://127.0.0.1:7070/velo"
+
+[tunnel]
 {token}
 """
 

@@ -8,148 +8,21 @@ went through velo's tunnel and traffic-proxy.
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 from kubernetes import client
-from kubernetes.stream import portforward
 
 from tests.helpers import http_get, wait_for
-from tests.kube.ingress import Ingress, request_via_service
+from tests.kube.ingress import request_via_service
+from tests.kube.shop import comparable, endpoint_pods, kube_config, service, velo, via_pod
 from velo.providers.kubernetes import intercept as ix
 
 pytestmark = pytest.mark.cluster
-
-
-def velo(*args, cwd, kubeconfig, timeout=60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "velo", *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=timeout, env={**os.environ, "KUBECONFIG": str(kubeconfig)})
-
-
-def kube_config(path, namespace: str, url: str, *, candidate_port: int | None = None, lease: int = 30,
-                extra: str = "", exclude: str = '"dns"'):
-    text = f"""
-[project]
-name = "shop"
-
-[cluster]
-provider = "kubernetes"
-namespace = "{namespace}"
-lease_seconds = {lease}
-ready_timeout = 60
-
-[tunnel]
-url = "{url}"
-reconnect_max_delay = 0.5
-keepalive_interval = 1.0
-keepalive_timeout = 3.0
-
-[remote]
-exclude = [{exclude}]
-"""
-    if candidate_port:
-        text += f"\n[local.website]\nport = {candidate_port}\n"
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "velocity.toml").write_text(text + extra)
-    return path / "velocity.toml"
-
-
-@pytest.fixture(scope="module")
-def shop(cluster, namespace):
-    """A namespace shaped like a small application."""
-    cluster.require_netns()
-    core, apps = cluster.core, cluster.apps
-    cluster.start_in_cluster_service("backend", namespace, kind="http", port=80)
-    cluster.start_in_cluster_service("cache", namespace, kind="tcp-echo", port=6379)
-    V1 = client
-    core.create_namespaced_service(namespace, V1.V1Service(
-        metadata=V1.V1ObjectMeta(name="api"),
-        spec=V1.V1ServiceSpec(selector={"app": "api"}, ports=[
-            V1.V1ServicePort(name="http", port=80, target_port="web"),
-            V1.V1ServicePort(name="grpc", port=9090, target_port=9090)])))
-    core.create_namespaced_service(namespace, V1.V1Service(
-        metadata=V1.V1ObjectMeta(name="dns"),
-        spec=V1.V1ServiceSpec(selector={"app": "dns"}, ports=[V1.V1ServicePort(name="dns", port=53, protocol="UDP")])))
-    core.create_namespaced_service(namespace, V1.V1Service(
-        metadata=V1.V1ObjectMeta(name="db"),
-        spec=V1.V1ServiceSpec(cluster_ip="None", selector={"app": "db"}, ports=[V1.V1ServicePort(port=5432, target_port=5432)])))
-    core.create_namespaced_service(namespace, V1.V1Service(
-        metadata=V1.V1ObjectMeta(name="ext"),
-        spec=V1.V1ServiceSpec(type="ExternalName", external_name="example.org", ports=[V1.V1ServicePort(port=443)])))
-    core.create_namespaced_config_map(namespace, V1.V1ConfigMap(
-        metadata=V1.V1ObjectMeta(name="website-config"), data={"FEATURE": "on", "GREETING": "hi"}))
-    core.create_namespaced_secret(namespace, V1.V1Secret(
-        metadata=V1.V1ObjectMeta(name="website-secret"),
-        data={"password": base64.b64encode(b"s3cret").decode()}))
-    apps.create_namespaced_deployment(namespace, V1.V1Deployment(
-        metadata=V1.V1ObjectMeta(name="website"),
-        spec=V1.V1DeploymentSpec(
-            replicas=1, selector=V1.V1LabelSelector(match_labels={"app": "website"}),
-            template=V1.V1PodTemplateSpec(
-                metadata=V1.V1ObjectMeta(labels={"app": "website", "tier": "web"}),
-                spec=V1.V1PodSpec(containers=[V1.V1Container(
-                    name="web", image="website:dev", ports=[V1.V1ContainerPort(name="http", container_port=8080)],
-                    env_from=[V1.V1EnvFromSource(config_map_ref=V1.V1ConfigMapEnvSource(name="website-config"), prefix="CFG_")],
-                    env=[
-                        V1.V1EnvVar(name="MODE", value="cluster"),
-                        V1.V1EnvVar(name="DB_PASSWORD", value_from=V1.V1EnvVarSource(
-                            secret_key_ref=V1.V1SecretKeySelector(name="website-secret", key="password"))),
-                        V1.V1EnvVar(name="MY_NAMESPACE", value_from=V1.V1EnvVarSource(
-                            field_ref=V1.V1ObjectFieldSelector(field_path="metadata.namespace"))),
-                    ])])))))
-    core.create_namespaced_service(namespace, V1.V1Service(
-        metadata=V1.V1ObjectMeta(name="website", labels={"app": "website"}),
-        spec=V1.V1ServiceSpec(selector={"app": "website"}, ports=[V1.V1ServicePort(name="http", port=80, target_port="http")])))
-    wait_for(lambda: _endpoint_pods(cluster, namespace, "website"), 60, "website's EndpointSlice to list its pod")
-    ingress = Ingress(cluster, namespace)
-    yield ingress
-    ingress.close()
-
-
-def _endpoint_pods(cluster, namespace: str, service: str) -> set[str]:
-    slices = client.DiscoveryV1Api(cluster.core.api_client).list_namespaced_endpoint_slice(
-        namespace, label_selector=f"kubernetes.io/service-name={service}").items
-    return {e.target_ref.name for s in slices for e in (s.endpoints or []) if e.target_ref}
-
-
-def _via_pod(cluster, namespace: str, pod: str, port: int, payload: bytes) -> bytes:
-    """Connect to a pod's port the way the cluster would: through the apiserver's port-forward."""
-    try:
-        forward = portforward(cluster.core.connect_get_namespaced_pod_portforward, pod, namespace, ports=str(port))
-    except client.ApiException as exc:
-        raise AssertionError(f"port-forward to {pod}:{port}: {exc.status} {exc.reason} {exc.body}") from None
-    sock = forward.socket(port)
-    sock.settimeout(10)
-    sock.sendall(payload)
-    data = b""
-    try:
-        while chunk := sock.recv(65536):
-            data += chunk
-            if b"\r\n\r\n" in data and data.endswith(b"laptop"):
-                break
-    except (TimeoutError, socket.timeout):
-        pass
-    sock.close()
-    forward.close()
-    return data
-
-
-def _service(cluster, namespace: str, name: str = "website"):
-    return cluster.core.read_namespaced_service(name, namespace)
-
-
-def _comparable(svc) -> dict:
-    data = client.ApiClient().sanitize_for_serialization(svc)
-    for key in ("resourceVersion", "managedFields"):
-        data["metadata"].pop(key, None)
-    return data
 
 
 def test_discovery_and_env_without_touching_the_cluster(cluster, namespace, shop, tmp_path):
@@ -162,7 +35,7 @@ def test_discovery_and_env_without_touching_the_cluster(cluster, namespace, shop
     assert f"-> backend.{namespace}.svc.cluster.local:80" in out
     assert "-> example.org:443" in out
     assert "forward website" not in out and "forward dns" not in out
-    assert "reverse website " in out and "gateway :8080" in out  # targetPort "http" resolved to 8080
+    assert "reverse website " in out and "-> 127.0.0.1:18080" in out
     env = json.loads(velo("env", "--format", "json", cwd=config.parent, kubeconfig=cluster.kubeconfig).stdout)
     assert env["MODE"] == "cluster" and env["CFG_FEATURE"] == "on" and env["MY_NAMESPACE"] == namespace
     assert env["DB_PASSWORD"] == "********", "secrets are masked unless asked"
@@ -175,8 +48,8 @@ def test_discovery_and_env_without_touching_the_cluster(cluster, namespace, shop
 
 
 def test_up_forwards_intercepts_and_down_restores(cluster, namespace, shop, procs, tmp_path):
-    original = _comparable(_service(cluster, namespace))
-    original_pods = _endpoint_pods(cluster, namespace, "website")
+    original = comparable(service(cluster, namespace))
+    original_pods = endpoint_pods(cluster, namespace, "website")
     laptop = procs.server("http", text="hello from the laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
     up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
@@ -192,15 +65,19 @@ def test_up_forwards_intercepts_and_down_restores(cluster, namespace, shop, proc
     assert oct(os.stat(config.parent / ".env").st_mode & 0o777) == "0o600"
 
     # Reverse: the Service now selects the traffic-proxy, and the cluster's path reaches the laptop.
-    svc = _service(cluster, namespace)
+    svc = service(cluster, namespace)
     assert svc.spec.selector[ix.LABEL_COMPONENT] == ix.COMPONENT
     assert json.loads(svc.metadata.annotations[ix.ANN_ORIGINAL]) == {"app": "website"}
     session = svc.metadata.annotations[ix.ANN_SESSION]
-    proxy_pod = wait_for(lambda: next(iter(_endpoint_pods(cluster, namespace, "website") - original_pods), None),
+    proxy_pod = wait_for(lambda: next(iter(endpoint_pods(cluster, namespace, "website") - original_pods), None),
                          30, "website's EndpointSlice to point at the traffic-proxy")
     assert "velo-proxy" in proxy_pod
     request = b"GET / HTTP/1.1\r\nHost: website\r\nConnection: close\r\n\r\n"
-    answer = wait_for(lambda: _via_pod(cluster, namespace, proxy_pod, 8080, request),
+    # The targetPort ("http") points at this intercept's own traffic-proxy port meanwhile.
+    proxy_port = svc.spec.ports[0].target_port
+    assert isinstance(proxy_port, int) and proxy_port != 8080
+    assert json.loads(svc.metadata.annotations[ix.ANN_PORTS]) == [{"port": 80, "targetPort": "http", "proxy": proxy_port}]
+    answer = wait_for(lambda: via_pod(cluster, namespace, proxy_pod, proxy_port, request),
                       15, "a request through the traffic-proxy pod's port-forward")
     assert answer.endswith(b"hello from the laptop")
     # And the way other pods (or an Ingress) reach it: Service -> EndpointSlice -> pod.
@@ -211,8 +88,8 @@ def test_up_forwards_intercepts_and_down_restores(cluster, namespace, shop, proc
     result = velo("down", cwd=config.parent, kubeconfig=cluster.kubeconfig, timeout=90)
     assert result.returncode == 0, result.stderr
     assert up.proc.wait(30) == 0
-    assert _comparable(_service(cluster, namespace)) == original
-    wait_for(lambda: _endpoint_pods(cluster, namespace, "website") == original_pods, 30, "EndpointSlice back on the original pods")
+    assert comparable(service(cluster, namespace)) == original
+    wait_for(lambda: endpoint_pods(cluster, namespace, "website") == original_pods, 30, "EndpointSlice back on the original pods")
     # The Service routes to the original pods again (kwok pods: no process answers for them here).
     wait_for(lambda: request_via_service(cluster, namespace, "website", 80, request) is None, 15,
              "the Service to stop routing to the traffic-proxy")
@@ -227,13 +104,13 @@ def test_kill_9_is_repaired_by_the_cluster_within_the_lease(cluster, namespace, 
     laptop = procs.server("http", text="laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=5)
     up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    assert _service(cluster, namespace).spec.selector.get(ix.LABEL_COMPONENT) == ix.COMPONENT
+    assert service(cluster, namespace).spec.selector.get(ix.LABEL_COMPONENT) == ix.COMPONENT
     up.proc.signal(signal.SIGKILL)
     killed = time.monotonic()
-    wait_for(lambda: _service(cluster, namespace).spec.selector == {"app": "website"}, 5 + 10,
+    wait_for(lambda: service(cluster, namespace).spec.selector == {"app": "website"}, 5 + 10,
              "the traffic-proxy to restore the selector after the lease lapsed")
     elapsed = time.monotonic() - killed
-    assert ix.ANN_SESSION not in (_service(cluster, namespace).metadata.annotations or {})
+    assert ix.ANN_SESSION not in (service(cluster, namespace).metadata.annotations or {})
     wait_for(lambda: not cluster.apps.list_namespaced_deployment(
         namespace, label_selector="app.kubernetes.io/managed-by=velo").items, 30, "the session's Deployment to be gone")
     print(f"selector restored {elapsed:.1f}s after kill -9 (lease 5s)")
@@ -243,16 +120,16 @@ def test_concurrent_edit_survives_restore(cluster, namespace, shop, procs, tmp_p
     laptop = procs.server("http", text="laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
     up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    cluster.core.patch_namespaced_service("website", namespace, {
+    cluster.core.patch_namespacedservice("website", namespace, {
         "metadata": {"labels": {"team": "checkout"}, "annotations": {"note": "edited during intercept"}}})
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
-    svc = _service(cluster, namespace)
+    svc = service(cluster, namespace)
     assert svc.spec.selector == {"app": "website"}
     assert svc.metadata.labels["team"] == "checkout"
     assert svc.metadata.annotations["note"] == "edited during intercept"
     assert not any(k.startswith("velo.dev/") for k in svc.metadata.annotations)
-    cluster.core.patch_namespaced_service("website", namespace, [
+    cluster.core.patch_namespacedservice("website", namespace, [
         {"op": "remove", "path": "/metadata/labels/team"}, {"op": "remove", "path": "/metadata/annotations/note"}])
 
 
@@ -266,7 +143,7 @@ def test_second_session_is_refused_with_the_holders_name(cluster, namespace, sho
     assert result.returncode == 2
     assert "Service website is already intercepted by" in result.stderr and "since" in result.stderr
     assert "Traceback" not in result.stderr
-    assert _service(cluster, namespace).spec.selector.get(ix.LABEL_COMPONENT) == ix.COMPONENT, "the first holder keeps it"
+    assert service(cluster, namespace).spec.selector.get(ix.LABEL_COMPONENT) == ix.COMPONENT, "the first holder keeps it"
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
 
@@ -274,12 +151,12 @@ def test_second_session_is_refused_with_the_holders_name(cluster, namespace, sho
 def test_services_appearing_while_up_runs_get_listeners(cluster, namespace, shop, procs, tmp_path):
     config = kube_config(tmp_path / "p", namespace, shop.url)
     up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    cluster.start_in_cluster_service("late", namespace, kind="http", port=80)
+    cluster.start_in_clusterservice("late", namespace, kind="http", port=80)
     try:
         port = wait_for(lambda: up.port("late"), 15, "a listener for the new Service")
         assert b"late" in http_get(port)
     finally:
-        cluster.stop_in_cluster_service("late", namespace)
+        cluster.stop_in_clusterservice("late", namespace)
     wait_for(lambda: "late" not in {f["name"] for f in up.status()["forwards"]}, 15, "the listener to go with the Service")
 
 
@@ -335,17 +212,17 @@ def test_velo_down_repairs_what_a_double_crash_left(cluster, namespace, shop, pr
     laptop = procs.server("http", text="laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
     up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    session = _service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
+    session = service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
     proxy = cluster.apps.list_namespaced_deployment(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items
     pod = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items[0]
     cluster.kill_pod_process(namespace, pod.metadata.name)
     up.proc.signal(signal.SIGKILL)
     up.proc.wait(10)
-    assert proxy and _service(cluster, namespace).metadata.annotations.get(ix.ANN_SESSION) == session
+    assert proxy and service(cluster, namespace).metadata.annotations.get(ix.ANN_SESSION) == session
     result = velo("down", "--all", cwd=config.parent, kubeconfig=cluster.kubeconfig, timeout=90)
     assert result.returncode == 0, result.stderr
     assert f"cleaned up session {session} (restored website)" in result.stdout
-    assert _service(cluster, namespace).spec.selector == {"app": "website"}
+    assert service(cluster, namespace).spec.selector == {"app": "website"}
     wait_for(lambda: not cluster.apps.list_namespaced_deployment(
         namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items, 30, "the session's Deployment to be gone")
 
@@ -390,11 +267,14 @@ def test_tunnel_follows_a_traffic_proxy_pod_restart(cluster, namespace, shop, pr
     laptop = procs.server("http", text="laptop after restart")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
     up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    session = _service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
+    session = service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
     selector = f"{ix.LABEL_SESSION}={session}"
     old = cluster.core.list_namespaced_pod(namespace, label_selector=selector).items[0].metadata.name
     cluster.kill_pod_process(namespace, old)          # the traffic-proxy crashes...
     up.wait_state("reconnecting")
+    # Meanwhile the Service has no route to the laptop, and velo says so.
+    assert [r["state"] for r in up.status()["reverses"]] == ["no route: tunnel down"]
+    up.proc.wait_log("no route to this laptop for website until the tunnel is back")
     cluster.core.delete_namespaced_pod(old, namespace, grace_period_seconds=0)  # ...and is replaced
     up.wait_state("up", timeout=60)
     new = cluster.core.list_namespaced_pod(namespace, label_selector=selector).items
@@ -405,13 +285,14 @@ def test_tunnel_follows_a_traffic_proxy_pod_restart(cluster, namespace, shop, pr
                       "the Service to reach the laptop through the new traffic-proxy pod")
     assert answer.endswith(b"laptop after restart")
     assert up.status()["tunnel"]["reconnects"] >= 1
+    assert [r["state"] for r in up.status()["reverses"]] == ["listening"]
 
 
 def test_next_velo_up_repairs_a_lapsed_session(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="second run")
     first = kube_config(tmp_path / "first", namespace, shop.url, candidate_port=laptop, lease=5, exclude='"*"')
     up = procs.up(first, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    session = _service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
+    session = service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
     pod = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items[0]
     cluster.kill_pod_process(namespace, pod.metadata.name)  # nothing in the cluster can undo it now
     up.proc.signal(signal.SIGKILL)
@@ -421,9 +302,9 @@ def test_next_velo_up_repairs_a_lapsed_session(cluster, namespace, shop, procs, 
     second = kube_config(tmp_path / "second", namespace, shop.url, candidate_port=laptop, exclude='"*"')
     again = procs.up(second, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert f"cleaned up session {session} (restored website)" in again.proc.log()
-    svc = _service(cluster, namespace)
+    svc = service(cluster, namespace)
     assert svc.metadata.annotations[ix.ANN_SESSION] != session
     assert json.loads(svc.metadata.annotations[ix.ANN_ORIGINAL]) == {"app": "website"}
     again.proc.signal(signal.SIGTERM)
     assert again.proc.wait(60) == 0
-    assert _service(cluster, namespace).spec.selector == {"app": "website"}
+    assert service(cluster, namespace).spec.selector == {"app": "website"}

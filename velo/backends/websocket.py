@@ -8,27 +8,28 @@ a byte pipe: message boundaries mean nothing to the multiplexer above.
 
 from __future__ import annotations
 
-import asyncio
-import ssl
 from http import HTTPStatus
 
 from picows import (
     WSCloseCode,
     WSFrame,
-    WSHandshakeError,
     WSListener,
     WSMsgType,
     WSTransport,
     WSUpgradeRequest,
     WSUpgradeResponse,
     WSUpgradeResponseWithListener,
-    ws_connect,
     ws_create_server,
 )
 
+from velo.backends.wsdial import MAX_MESSAGE, dial
+
+from velo.config.tables import BackendTable, url_for
+from velo import tls
 from velo.hookspecs import hookimpl
 from velo.transport import (
     Authenticator,
+    Endpoint,
     GatewayListen,
     SinkFactory,
     TunnelBackend,
@@ -36,7 +37,6 @@ from velo.transport import (
     TunnelSink,
 )
 
-MAX_MESSAGE = 64 * 1024 * 1024
 _DATA = (WSMsgType.BINARY, WSMsgType.CONTINUATION)
 
 
@@ -104,38 +104,29 @@ class _WebSocketPipe(WSListener):
             self.ws.disconnect(graceful=False)
 
 
+class WebSocketTable(BackendTable):
+    """``[tunnel.websocket]``: where the gateway's WebSocket endpoint is (an Ingress, say)."""
+
+    url: url_for("ws", "wss")  # type: ignore[valid-type]
+    ca_file: str | None = None
+    """wss://: trust only this CA bundle (PEM) instead of the system's trust store."""
+    server_name: str | None = None
+    """wss://: the name the gateway's certificate must carry, if not the URL's host."""
+
+
 class WebSocketBackend(TunnelBackend):
     name = "websocket"
     schemes = ("ws", "wss")
     description = "WebSocket (ws:// or wss://), passes through any Ingress"
 
-    async def connect(self, url, token, sink_factory: SinkFactory, *, timeout, ssl_context=None):
+    async def connect(self, endpoint: Endpoint, sink_factory: SinkFactory, *, timeout: float):
+        headers = {"Authorization": f"Bearer {endpoint.token}", **dict(endpoint.headers)}
         try:
-            ws, pipe = await asyncio.wait_for(
-                ws_connect(
-                    lambda: _WebSocketPipe(sink_factory()),
-                    url,
-                    ssl_context=ssl_context,
-                    extra_headers={"Authorization": f"Bearer {token}"},
-                    websocket_handshake_timeout=timeout,
-                    max_frame_size=MAX_MESSAGE,
-                    max_redirects=0,
-                    logger_name="velo.websocket",
-                ),
-                timeout,
-            )
-        except WSHandshakeError as exc:
-            status = exc.response.status if exc.response is not None else None
-            if status in (HTTPStatus.UNAUTHORIZED, HTTPStatus.FORBIDDEN):
-                raise TunnelError(f"{url}: the gateway rejected the token (HTTP {int(status)})", auth=True) from None
-            raise TunnelError(f"{url}: WebSocket handshake failed: {exc}") from None
-        except (TimeoutError, asyncio.TimeoutError):
-            raise TunnelError(f"{url}: no answer within {timeout:g}s") from None
-        except ssl.SSLError as exc:
-            raise TunnelError(f"{url}: TLS failed: {exc.reason or exc}") from None
-        except OSError as exc:
-            raise TunnelError(f"{url}: {exc.strerror or exc}") from None
-        return pipe
+            ctx, server_name = tls.for_endpoint(endpoint, secure=endpoint.url.startswith("wss:"))
+        except tls.TLSConfigError as exc:
+            raise TunnelError(str(exc)) from None
+        return await dial(endpoint.url, lambda: _WebSocketPipe(sink_factory()), timeout=timeout,
+                          headers=headers, ssl_context=ctx, server_hostname=server_name)
 
     async def serve(self, listen: GatewayListen, authenticate: Authenticator, sink_factory: SinkFactory):
         path = listen.path.encode() or b"/"
@@ -168,3 +159,8 @@ class WebSocketBackend(TunnelBackend):
 @hookimpl
 def velo_tunnel_backends():
     return [WebSocketBackend()]
+
+
+@hookimpl
+def velo_config_tables():
+    return {"tunnel.websocket": WebSocketTable}

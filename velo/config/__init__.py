@@ -1,13 +1,16 @@
 """velo's configuration layer: the ``velocity.toml`` schema, loader and errors.
 
-Self-contained on purpose (stdlib + pydantic only, nothing else from velo) so the CLI can
-validate a config, and tests can build one, without importing the runtime.
+Plugins describe their own tables with the base classes in ``velo.config.tables``.
+
+Self-contained on purpose (stdlib + pydantic; the plugin tables come in through the
+``velo_config_tables`` hook, never by importing a plugin) so the CLI can validate a config,
+and tests can build one, without importing the runtime.
 """
 
 from .errors import ConfigError
-from .loader import CONFIG_FILENAME, find_config, load_config, parse_config
+from .loader import CONFIG_FILENAME, find_config, installed_tables, load_config, parse_config
 from .models import (
-    STATIC_PROVIDER,
+    DEFAULT_PROVIDER,
     ClusterConfig,
     EnvConfig,
     LocalService,
@@ -20,7 +23,7 @@ from .models import (
 
 __all__ = [
     "CONFIG_FILENAME",
-    "STATIC_PROVIDER",
+    "DEFAULT_PROVIDER",
     "ClusterConfig",
     "ConfigError",
     "EnvConfig",
@@ -31,6 +34,7 @@ __all__ = [
     "TunnelConfig",
     "VelocityConfig",
     "find_config",
+    "installed_tables",
     "load_config",
     "parse_config",
 ]

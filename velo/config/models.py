@@ -35,11 +35,11 @@ __all__ = [
     "EnvConfig",
     "ComposeConfig",
     "VelocityConfig",
-    "STATIC_PROVIDER",
+    "DEFAULT_PROVIDER",
 ]
 
-STATIC_PROVIDER = "static"
-"""The built-in provider whose targets and gateway are all spelled out in the file."""
+DEFAULT_PROVIDER = "static"
+"""What ``[cluster] provider`` is when not written (the core never branches on it)."""
 
 # --------------------------------------------------------------------------- value checks
 
@@ -269,27 +269,40 @@ class ProjectConfig(_Model):
 
 
 class ClusterConfig(_Model):
-    """``[cluster]``: which provider plugin talks to the cluster, plus kubernetes knobs."""
+    """``[cluster]``: which provider plugin talks to the cluster.
 
-    provider: NonEmpty = STATIC_PROVIDER
-    context: Text = ""
-    namespace: Text = ""
-    lease_seconds: LeaseSeconds = 30
-    proxy_image: NonEmpty = "ghcr.io/velo-dev/velo-proxy:0.1.0"
-    ready_timeout: Seconds = 120.0
+    Every other key of the table belongs to that provider and is validated by the model
+    it registers (``velo_config_tables``); the loader stores the result in ``settings``,
+    and the keys read like core ones: ``config.cluster.namespace``.
+    """
+
+    provider: NonEmpty = DEFAULT_PROVIDER
+    _settings: Any = PrivateAttr(default=None)
 
     @property
-    def is_static(self) -> bool:
-        """The static provider needs every address spelled out in the file."""
-        return self.provider == STATIC_PROVIDER
+    def settings(self) -> Any:
+        """The provider's validated table, or None (no table model, or built in code)."""
+        return self._settings
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)  # type: ignore[misc]
+        except AttributeError:
+            pass
+        settings = (object.__getattribute__(self, "__pydantic_private__") or {}).get("_settings")
+        if settings is not None and name in type(settings).model_fields:
+            return getattr(settings, name)
+        raise AttributeError(f"[cluster] of provider {self.provider!r} has no key {name!r}")
 
 
 class TunnelConfig(_Model):
-    """``[tunnel]``: how the laptop reaches the cluster-side traffic proxy."""
+    """``[tunnel]``: how the laptop reaches the cluster-side traffic proxy.
 
-    backend: NonEmpty = "websocket"
-    fallback: NameList = Field(default_factory=list)
-    url: Url | None = None
+    Each backend's own settings are in its table (``[tunnel.websocket] url = ...``),
+    validated by the backend's model; ``prefer`` orders the backends.
+    """
+
+    prefer: NameList | None = None
     token: NonEmpty | None = None
     token_env: EnvName | None = None
     token_file: NonEmpty | None = None
@@ -298,6 +311,18 @@ class TunnelConfig(_Model):
     keepalive_timeout: Seconds = 15.0
     reconnect_max_delay: Seconds = 1.0
     wait_for_tunnel: SecondsOrZero = 10.0
+    _tables: dict = PrivateAttr(default_factory=dict)
+    _preference: tuple = PrivateAttr(default=())
+
+    @property
+    def preference(self) -> list[str]:
+        """The backends to try, in order: ``prefer``, else the backend tables in file order,
+        else the provider's default (the loader fills this in)."""
+        return list(self._preference) if self._preference else list(self.prefer or [])
+
+    def table(self, name: str) -> Any:
+        """The validated ``[tunnel.<name>]`` (its defaults when not written), or None."""
+        return self._tables.get(name)
 
     @property
     def token_source(self) -> str | None:
@@ -325,11 +350,12 @@ class TunnelConfig(_Model):
             problems.append(
                 ((), f"set only one of token, token_env or token_file (found {', '.join(sources)})")
             )
-        seen = {self.backend}
-        for i, name in enumerate(self.fallback):
+        if self.prefer is not None and not self.prefer:
+            problems.append((("prefer",), "must name at least one backend"))
+        seen: set[str] = set()
+        for i, name in enumerate(self.prefer or []):
             if name in seen:
-                what = "the main backend" if name == self.backend else "listed twice"
-                problems.append((("fallback", i), f"{show_value(name)} is {what}"))
+                problems.append((("prefer", i), f"{show_value(name)} is listed twice"))
             seen.add(name)
         if problems:
             raise _rules(problems)
@@ -463,15 +489,7 @@ class VelocityConfig(_Model):
     @model_validator(mode="after")
     def _check(self) -> VelocityConfig:
         problems: list[Problem] = []
-        static = self.cluster.is_static
-        why = f"required when cluster.provider is {show_value(STATIC_PROVIDER)}"
-        if static and self.tunnel.url is None:
-            problems.append((("tunnel", "url"), why))
-        if static and self.tunnel.token_source is None:
-            problems.append((("tunnel",), f"one of token, token_env or token_file is {why}"))
-        for name, svc in self.local.items():
-            if static and svc.expose is None:
-                problems.append((("local", name, "expose"), why))
+        for name in self.local:
             if name in self.remote.services:
                 problems.append(
                     (
@@ -484,24 +502,15 @@ class VelocityConfig(_Model):
             if name not in self.local:
                 problems.append((("compose", "services", name),
                                  f"{show_value(name)} is not a development candidate (add [local.{name}])"))
-        for name, svc in self.remote.services.items():
-            if static and svc.target is None:
-                problems.append((("remote", "services", name, "target"), why))
-        # Two forward proxies on one local port, or two candidates on one gateway port,
-        # would only fail later at bind time; say so here, at the key to change.
+        # Two forward proxies on one local port would only fail later at bind time; say
+        # so here, at the key to change. (A provider's own rules, such as the static
+        # provider's gateway ports, come from its table's ``check``.)
         listeners = [
             (("remote", "services", name, *key), port)
             for name, svc in self.remote.services.items()
             for key, port in svc.listener_ports()
         ]
-        problems += _port_clashes(listeners)
-        if static:
-            gateway = [
-                (("local", name, "expose", *key), port)
-                for name, svc in self.local.items()
-                for key, port in svc.expose_ports()
-            ]
-            problems += _port_clashes(gateway)
+        problems += port_clashes(listeners)
         if problems:
             raise _rules(problems)
         return self
@@ -567,7 +576,7 @@ class VelocityConfig(_Model):
         raise ConfigError(f"{prefix}{key}: {message}", self._source_path)
 
 
-def _port_clashes(entries: Any) -> list[Problem]:
+def port_clashes(entries: Any) -> list[Problem]:
     """Report a listener port used twice; the later use points at the earlier one."""
     seen: dict[int, tuple] = {}
     problems: list[Problem] = []

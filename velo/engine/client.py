@@ -1,10 +1,16 @@
-"""Keeps one tunnel to the gateway up, forever, and says how it is doing.
+"""Keeps one tunnel to the gateway up, for as long as `velo up` runs, and says how it is doing.
 
 Connect, announce the session on a control stream, serve streams until the
-tunnel dies, then reconnect with jittered exponential backoff.  Endpoints are
-asked from the provider before every attempt, so a restarted traffic-proxy pod
-is followed.  Local connections that arrive while the tunnel is down wait (up to
-``wait_for_tunnel``) instead of being refused.
+tunnel dies, then reconnect with jittered exponential backoff capped at
+``reconnect_max_delay``, however many attempts that takes.  Endpoints are asked
+from the provider before every attempt (so a restarted traffic-proxy pod is
+followed) and tried in the preference order every time; the reason each one
+was skipped is kept for `velo status`.  Local connections that arrive while the
+tunnel is down wait (up to ``wait_for_tunnel``) instead of being refused.
+
+Anything a backend or provider raises is that attempt failing, never the loop
+ending; only a cancellation (`velo up` stopping) ends it, and no await in the
+loop turns a cancellation into a failure.
 """
 
 from __future__ import annotations
@@ -19,7 +25,8 @@ from typing import Awaitable, Callable
 
 from velo import protocol
 from velo.channel import MessageChannel
-from velo.plugins import PluginError, get_backend
+from velo.mux import SessionClosedError
+from velo.plugins import get_backend
 from velo.provider import Endpoint
 from velo.transport import TunnelError
 from velo.tunnel import Bridge, StreamStats, Tunnel
@@ -28,11 +35,16 @@ log = logging.getLogger("velo.client")
 
 INITIAL_DELAY = 0.05
 AUTH_RETRY_DELAY = 5.0
+STOP_TIMEOUT = 3.0
+_MAX_DOUBLINGS = 32  # 0.05 s * 2**32 is far above any cap; more would only overflow
 
 
 def backoff_delay(attempt: int, cap: float) -> float:
-    """Equal jitter: half fixed, half random, so many laptops do not retry in step."""
-    base = min(cap, INITIAL_DELAY * (2 ** attempt))
+    """Equal jitter: half fixed, half random, so many laptops do not retry in step.
+
+    The exponent is bounded so that attempt 10,000 costs the same as attempt 32.
+    """
+    base = min(cap, INITIAL_DELAY * (2 ** min(max(attempt, 0), _MAX_DOUBLINGS)))
     return base / 2 + random.uniform(0, base / 2)
 
 
@@ -63,8 +75,11 @@ class TunnelClient:
         self.backend = ""
         self.url = ""
         self.last_error = ""
+        self.skipped: list[dict] = []
         self.connects = 0
+        self.attempts = 0  # failed attempts since the tunnel was last up
         self.up_since: float | None = None
+        self.down_since: float | None = None
         self.reverse_wanted: list[dict] = []
         self.reverse_status: dict[str, dict] = {}
         self.reverse_stats = StreamStats()
@@ -72,19 +87,24 @@ class TunnelClient:
         self._waiting: list[tuple[Bridge, dict, asyncio.TimerHandle]] = []
         self._up = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._said_down = False
 
     # ---- lifecycle --------------------------------------------------------------
 
-    def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="velo-tunnel")
+    def start(self) -> asyncio.Task:
+        """Start the loop; the task only ends by ``stop`` (or a bug, which the caller reports)."""
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="the tunnel")
+        return self._task
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+        self._stopping = True
+        task = self._task
+        if task is not None and not task.done():
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=STOP_TIMEOUT)
+            if not done:  # something inside swallowed the cancellation: say so, do not hang
+                log.error("the tunnel loop did not stop within %gs; leaving it", STOP_TIMEOUT)
         if self.tunnel is not None:
             self.tunnel.close("velo is stopping")
         for bridge, _header, timer in self._waiting:
@@ -100,77 +120,104 @@ class TunnelClient:
 
     async def wait_up(self, timeout: float) -> bool:
         try:
-            await asyncio.wait_for(self._up.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
             return True
-        except (TimeoutError, asyncio.TimeoutError):
+        except TimeoutError:
             return False
 
     async def _run(self) -> None:
-        attempt = 0
-        while True:
+        while not self._stopping:
             tunnel = await self._connect_once()
             if tunnel is not None:
-                attempt = 0
                 reason = await asyncio.shield(tunnel.closed)
                 self._went_down(reason)
-                self.state = "reconnecting"
             else:
-                attempt += 1
-            delay = backoff_delay(attempt, self.reconnect_max_delay)
+                self.attempts += 1
+            delay = backoff_delay(self.attempts, self.reconnect_max_delay)
             if self.state == "unauthorized":  # retrying faster will not fix a token
                 delay = max(delay, AUTH_RETRY_DELAY)
             await asyncio.sleep(delay)
 
     async def _connect_once(self) -> Tunnel | None:
+        """One pass over the preference order; the first backend that connects wins."""
         try:
             endpoints = await self._endpoints()
         except Exception as exc:  # a provider problem is shown, then retried
-            self.last_error = str(exc)
-            self.state = "error"
+            self._not_connected(f"finding the gateway: {exc}", [], auth=False)
             return None
+        skipped: list[dict] = []
+        auth = False
         for endpoint in endpoints:
             try:
-                backend = get_backend(endpoint.backend)
-            except PluginError as exc:
-                self.last_error = str(exc)
-                continue
-            tunnel = Tunnel(
-                client=True,
-                resolve=self._resolve_reverse,
-                keepalive_interval=self.keepalive_interval,
-                keepalive_timeout=self.keepalive_timeout,
-                dial_timeout=self.connect_timeout,
-                label="client",
-            )
-            tunnel.stats = self.reverse_stats
-            try:
-                await backend.connect(endpoint.url, endpoint.token, lambda: tunnel, timeout=self.connect_timeout)
-                await asyncio.wait_for(asyncio.shield(tunnel.connected), self.connect_timeout)
+                tunnel = await self._dial(endpoint)
             except TunnelError as exc:
-                if exc.reason != self.last_error:  # say it once per streak, `velo status` has the rest
-                    log.warning("tunnel via %s failed: %s (retrying)", endpoint.backend, exc.reason)
-                self.last_error = exc.reason
-                self.state = "unauthorized" if exc.auth else self._not_up
-                continue
-            except (ConnectionError, TimeoutError, asyncio.TimeoutError, OSError) as exc:
-                self.last_error = f"{endpoint.url}: {exc or type(exc).__name__}"
-                self.state = self._not_up
-                continue
-            self._went_up(tunnel, endpoint)
-            return tunnel
+                reason, auth = exc.reason, auth or exc.auth
+            except Exception as exc:  # a bug or library error in one backend: that backend failed
+                log.debug("tunnel via %s raised", endpoint.backend, exc_info=True)
+                reason = f"{endpoint.shown}: {type(exc).__name__}: {exc}"
+            else:
+                self._went_up(tunnel, endpoint, skipped)
+                return tunnel
+            skipped.append({"backend": endpoint.backend, "url": endpoint.shown, "reason": reason})
+        self._not_connected("; ".join(f"{s['backend']}: {s['reason']}" for s in skipped)
+                            or "no tunnel backend to try", skipped, auth=auth)
         return None
+
+    async def _dial(self, endpoint: Endpoint) -> Tunnel:
+        """Connect one backend, handshake included, within ``connect_timeout``.
+
+        Whatever goes wrong, nothing is left open; a cancellation stays a cancellation,
+        even when a backend wrapped it in another exception.
+        """
+        backend = get_backend(endpoint.backend)
+        tunnel = Tunnel(
+            client=True,
+            resolve=self._resolve_reverse,
+            keepalive_interval=self.keepalive_interval,
+            keepalive_timeout=self.keepalive_timeout,
+            dial_timeout=self.connect_timeout,
+            label="client",
+        )
+        tunnel.stats = self.reverse_stats
+        task = asyncio.current_task()
+        pipe = None
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                pipe = await backend.connect(endpoint, lambda: tunnel, timeout=self.connect_timeout)
+                await asyncio.shield(tunnel.connected)
+        except BaseException as exc:
+            for opened in {id(p): p for p in (pipe, tunnel.pipe) if p is not None}.values():
+                opened.abort()
+            if isinstance(exc, TimeoutError):
+                raise TunnelError(f"{endpoint.shown}: not connected within {self.connect_timeout:g}s") from None
+            if not isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
+                raise asyncio.CancelledError() from exc  # the backend turned our cancel into an error
+            raise
+        return tunnel
+
+    def _not_connected(self, reason: str, skipped: list[dict], *, auth: bool) -> None:
+        self.last_error = reason
+        self.skipped = skipped
+        self.state = "unauthorized" if auth else self._not_up
+        if not self._said_down:  # once per outage; `velo status` has every attempt's reason
+            self._said_down = True
+            if self.down_since is None:
+                self.down_since = time.monotonic()
+            log.warning("tunnel not up: %s (retrying until it is)", reason)
 
     @property
     def _not_up(self) -> str:
         return "reconnecting" if self.connects else "connecting"
 
-    def _went_up(self, tunnel: Tunnel, endpoint: Endpoint) -> None:
+    def _went_up(self, tunnel: Tunnel, endpoint: Endpoint, skipped: list[dict]) -> None:
         self.tunnel = tunnel
         self.backend = endpoint.backend
-        self.url = endpoint.url
+        self.url = endpoint.shown
         self.connects += 1
         self.state = "up"
         self.last_error = ""
+        self.skipped = skipped
         self.up_since = time.time()
         self.reverse_status = {}
         self._control = MessageChannel(self._on_control, on_close=None)
@@ -178,7 +225,16 @@ class TunnelClient:
         self._control.attach(control)
         tunnel.open(control, {"op": protocol.OP_CONTROL, "session": self.session_id, "client": self.client_name})
         self._send_reverse()
-        log.info("tunnel up via %s (%s)", endpoint.backend, endpoint.url)
+        why = "".join(f"; skipped {s['backend']}: {s['reason']}" for s in skipped)
+        if self.down_since is not None and self.connects > 1:
+            down = time.monotonic() - self.down_since
+            log.info("tunnel back via %s (%s) after %s down, %d attempts%s",
+                     endpoint.backend, endpoint.shown, _duration(down), self.attempts + 1, why)
+        else:
+            log.info("tunnel up via %s (%s)%s", endpoint.backend, endpoint.shown, why)
+        self.attempts = 0
+        self.down_since = None
+        self._said_down = False
         waiting, self._waiting = self._waiting, []
         for bridge, header, timer in waiting:
             timer.cancel()
@@ -192,8 +248,15 @@ class TunnelClient:
         self._control = None
         self.up_since = None
         self.last_error = reason
+        self.state = "reconnecting"
         self.reverse_status = {}
-        log.warning("tunnel down: %s", reason)
+        self.down_since = time.monotonic()
+        if not self._stopping:
+            self._said_down = True
+            log.warning("tunnel down: %s (reconnecting)", reason)
+            if self.reverse_wanted:  # what the cluster sends to this laptop is lost meanwhile
+                log.warning("no route to this laptop for %s until the tunnel is back",
+                            ", ".join(r["name"] for r in self.reverse_wanted))
 
     # ---- streams ----------------------------------------------------------------
 
@@ -201,8 +264,13 @@ class TunnelClient:
         """Send a new local connection through the tunnel, or hold it until the tunnel is back."""
         tunnel = self.tunnel
         if tunnel is not None and tunnel.alive:
-            tunnel.open(bridge, header)
-            return
+            try:
+                tunnel.open(bridge, header)
+                return
+            except SessionClosedError as exc:
+                # Stream ids ran out, or the gateway is going away: a clean reconnect,
+                # and this connection waits for the new tunnel like any other.
+                tunnel.close(f"no new streams on this tunnel: {exc}")
         if self.wait_for_tunnel <= 0:
             bridge.transport.abort()
             return
@@ -244,5 +312,16 @@ class TunnelClient:
             "reconnects": max(0, self.connects - 1),
             "up_since": self.up_since,
             "last_error": self.last_error,
+            "skipped": self.skipped,
+            "attempts": self.attempts,
+            "down_for": round(time.monotonic() - self.down_since, 1) if self.down_since is not None else None,
             "waiting": len(self._waiting),
         }
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"

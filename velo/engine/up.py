@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import secrets
 import signal
 import time
@@ -53,6 +54,7 @@ class Up:
         self.last_reload_error = ""
         self._config_digest = _digest(config.source_path)
         self._tasks: list[asyncio.Task] = []
+        self._must_run: set[asyncio.Task] = set()
         self.candidates: list[Candidate] = []
 
     # ---- lifecycle --------------------------------------------------------------
@@ -86,9 +88,11 @@ class Up:
         problems = await self.mesh.apply(plan)
         if problems:
             raise StartupError("\n".join(problems))
-        await self.provider.start(self.say)
+        tunnel_task = self.client.start()  # before the provider's start: it intercepts only once this path works
+        self._must_run = {tunnel_task}  # these end only by stop(); other watchers may finish
+        tunnel_task.add_done_callback(self._task_done)
+        await self.provider.start(self.say, self._path_ready)
         self._write_env(plan)
-        self.client.start()
         for name, local in config.local.items():
             if local.run:
                 candidate = Candidate(name, local.run, config.root, self.say)
@@ -104,16 +108,66 @@ class Up:
     async def _endpoints(self):
         return await self.provider.endpoints()
 
+    async def _path_ready(self, timeout: float) -> str | None:
+        """None once the tunnel is up and the gateway reported every reverse listener bound;
+        otherwise, after ``timeout`` (or at the gateway's first refusal), why not."""
+        client = self.client
+        deadline = asyncio.get_running_loop().time() + timeout
+        while True:
+            wanted = [r["name"] for r in client.reverse_wanted]
+            status = client.reverse_status
+            refused = [f"{n}: {status[n].get('error')}" for n in wanted if n in status and not status[n].get("ok")]
+            if client.state == "up" and all(status.get(n, {}).get("ok") for n in wanted):
+                return None
+            if refused:
+                return "the gateway could not open reverse " + "; ".join(refused)
+            if asyncio.get_running_loop().time() >= deadline:
+                if client.state != "up":
+                    return f"the tunnel is not connected ({client.last_error or client.state})"
+                return "the gateway did not confirm the reverse listeners " + ", ".join(wanted)
+            await asyncio.sleep(0.1)
+
     async def _resolve_reverse(self, header: dict):
         return await self.mesh.resolve_reverse(header)
 
-    async def run_until_stopped(self) -> None:
+    def handle_signals(self) -> None:
+        """SIGINT/SIGTERM ask for a clean stop in every state, start-up included; a second
+        Ctrl-C exits at once (the user has seen the first one being slow)."""
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             try:
-                loop.add_signal_handler(signum, self.stopping.set)
+                loop.add_signal_handler(signum, self._on_signal, signum)
             except (NotImplementedError, RuntimeError):
                 pass
+
+    def _on_signal(self, signum: int) -> None:
+        if self.stopping.is_set() and signum == signal.SIGINT:
+            self.say("velo: second Ctrl-C: exiting now, without cleaning up (`velo down` cleans up later)")
+            os._exit(130)
+        self.stopping.set()
+
+    async def start_unless_stopped(self) -> bool:
+        """``start()``, abandoned as soon as a stop is asked (signal, `velo down`): waiting for
+        the cluster or a slow provider must not delay a stop. False when stopped first."""
+        starting = asyncio.ensure_future(self.start())
+        stop = asyncio.ensure_future(self.stopping.wait())
+        try:
+            await asyncio.wait({starting, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not starting.done():
+                starting.cancel()
+                await asyncio.wait({starting}, timeout=5)
+        if not starting.done():
+            log.error("start-up did not stop within 5s of being cancelled; stopping anyway")
+            return False
+        if starting.cancelled():
+            return False
+        starting.result()  # re-raises StartupError and friends
+        return True
+
+    async def run_until_stopped(self) -> None:
+        self.handle_signals()
         await self.stopping.wait()
 
     async def stop(self) -> None:
@@ -121,11 +175,11 @@ class Up:
             await candidate.stop()
         for task in self._tasks:
             task.cancel()
-        for task in self._tasks:
-            try:
-                await task
-            except (asyncio.CancelledError, Exception):
-                pass
+        if self._tasks:  # bounded: a task that swallows its cancellation must not hold up the stop
+            done, _ = await asyncio.wait(self._tasks, timeout=3)
+            for task in done:
+                if not task.cancelled():
+                    task.exception()  # retrieved: it was reported by _task_done already
         if self.mesh is not None:
             self.mesh.close()
         if self.client is not None:
@@ -139,18 +193,22 @@ class Up:
             self.control.close()
 
     def _task_done(self, task: asyncio.Task) -> None:
-        """A watcher must never die quietly: that would freeze the mesh without a word."""
+        """A background task must never die quietly: that would freeze the mesh without a
+        word. Its end stops the session, with one line saying why (traceback at debug)."""
         if task.cancelled() or self.stopping.is_set():
             return
         exc = task.exception()
         if isinstance(exc, ProviderError):
-            self.say(f"velo: {exc}")
             self.fatal = str(exc)
-            self.stopping.set()
         elif exc is not None:
-            log.error("%s failed: %r; stopping", task.get_name(), exc, exc_info=exc)
-            self.fatal = f"{task.get_name()} failed: {exc}"
-            self.stopping.set()
+            log.debug("%s failed", task.get_name(), exc_info=exc)
+            self.fatal = f"{task.get_name()} failed: {type(exc).__name__}: {exc}"
+        elif task in self._must_run:
+            self.fatal = f"{task.get_name()} ended unexpectedly"
+        else:
+            return
+        self.say(f"velo: {self.fatal}; stopping")
+        self.stopping.set()
 
     def _shutdown_request(self, _request: dict) -> dict:
         asyncio.get_running_loop().call_soon(self.stopping.set)
@@ -197,6 +255,11 @@ class Up:
                 self.last_reload_error = str(exc)
                 self.say(f"velo: {path.name} not applied, still running the last good config:\n{exc}")
                 continue
+            refused = self.provider.reload_refused(new)
+            if refused:
+                self.last_reload_error = refused
+                self.say(f"velo: {path.name} not applied, still running the last good config: {refused}")
+                continue
             await self._reload(new)
 
     async def _reload(self, new: VelocityConfig) -> None:
@@ -215,7 +278,7 @@ class Up:
             client.wait_for_tunnel = tunnel.wait_for_tunnel
             client.restart()
         else:
-            self.provider.update_config(new)
+            await self.provider.reconfigure(new)
         self.inventory = await self.provider.inventory()
         await self._apply(f"{new.source_path.name} changed")
 
@@ -259,9 +322,9 @@ class Up:
 
 def check_backends(config: VelocityConfig) -> None:
     """Fail now, naming the key, rather than retrying a backend that cannot exist."""
-    get_backend(config.tunnel.backend)
-    for i, name in enumerate(config.tunnel.fallback):
-        get_backend(name, key=f"tunnel.fallback[{i}]")
+    tunnel = config.tunnel
+    for i, name in enumerate(tunnel.preference):
+        get_backend(name, key=f"tunnel.prefer[{i}]" if tunnel.prefer else f"tunnel.{name}")
     get_provider(config.cluster.provider)
 
 

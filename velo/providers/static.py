@@ -6,9 +6,46 @@ Used by `velo demo`, by the data-plane tests, and by anyone who runs
 
 from __future__ import annotations
 
+from velo.config.errors import show_value
+from velo.config.models import port_clashes
+from velo.config.tables import ProviderTable
 from velo.hookspecs import hookimpl
 from velo.plan import Inventory, Reverse, Service, ServicePort
 from velo.provider import Endpoint, Provider, ProviderSession
+
+NAME = "static"
+_WHY = f"required when cluster.provider is {show_value(NAME)}"
+
+
+class StaticTable(ProviderTable):
+    """``[cluster]`` of the static provider: no keys of its own, but the rest of the
+    file must spell out every address, since there is nothing to discover."""
+
+    def check(self, config) -> list:
+        problems: list = []
+        tunnel = config.tunnel
+        if not tunnel.preference:
+            problems.append((("tunnel",), f'a backend table with a url, e.g. [tunnel.websocket] url = '
+                                          f'"ws://HOST:7070/velo", is {_WHY}'))
+        for name in tunnel.preference:
+            table = tunnel.table(name)
+            if table is not None and "url" not in type(table).model_fields:
+                problems.append((("tunnel", "prefer"), f"{show_value(name)} has no url; the static provider "
+                                                       "reaches a gateway only by URL"))
+        if tunnel.token_source is None:
+            problems.append((("tunnel",), f"one of token, token_env or token_file is {_WHY}"))
+        for name, svc in config.local.items():
+            if svc.expose is None:
+                problems.append((("local", name, "expose"), _WHY))
+        for name, svc in config.remote.services.items():
+            if svc.target is None:
+                problems.append((("remote", "services", name, "target"), _WHY))
+        gateway = [
+            (("local", name, "expose", *key), port)
+            for name, svc in config.local.items()
+            for key, port in svc.expose_ports()
+        ]
+        return problems + port_clashes(gateway)
 
 
 def split_target(target: str) -> tuple[str, int]:
@@ -20,7 +57,8 @@ class StaticSession(ProviderSession):
     async def endpoints(self) -> list[Endpoint]:
         tunnel = self.config.tunnel
         token = self.config.resolve_token()
-        return [Endpoint(name, tunnel.url, token) for name in [tunnel.backend, *tunnel.fallback]]
+        tables = [(name, tunnel.table(name)) for name in tunnel.preference]
+        return [Endpoint(name, table.url, token, settings=table) for name, table in tables if table is not None]
 
     async def inventory(self) -> Inventory:
         services = []
@@ -39,7 +77,7 @@ class StaticSession(ProviderSession):
 
 
 class StaticProvider(Provider):
-    name = "static"
+    name = NAME
     description = "targets and gateway URL written in velocity.toml"
 
     async def open(self, config) -> ProviderSession:
@@ -49,3 +87,8 @@ class StaticProvider(Provider):
 @hookimpl
 def velo_cluster_providers():
     return [StaticProvider()]
+
+
+@hookimpl
+def velo_config_tables():
+    return {f"cluster.{NAME}": StaticTable}

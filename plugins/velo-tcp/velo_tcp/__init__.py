@@ -4,6 +4,12 @@ For trusted networks and `kubectl port-forward`, where nothing in between needs
 HTTP.  There is no encryption unless velo hands the backend an SSL context, so
 do not expose a ``tcp://`` gateway to the internet.
 
+Configuration (the plugin owns its table, velo's core does not know these keys)::
+
+    [tunnel.tcp]
+    url = "tcp://gateway.example:7071"
+    so_keepalive = true      # optional: let the OS probe an idle connection
+
 Wire protocol (one connection = one tunnel):
 
     client -> server   b"VELO/1 <token>\\n"
@@ -23,12 +29,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
 from urllib.parse import urlsplit
 
+from velo.config.tables import BackendTable, Flag, url_for
 from velo.hookspecs import hookimpl
 from velo.transport import (
     Authenticator,
+    Endpoint,
     GatewayListen,
     SinkFactory,
     TunnelBackend,
@@ -36,7 +45,7 @@ from velo.transport import (
     TunnelSink,
 )
 
-__all__ = ["TcpBackend", "velo_tunnel_backends", "MAGIC", "OK", "DENIED"]
+__all__ = ["TcpBackend", "TcpTable", "velo_tunnel_backends", "velo_config_tables", "MAGIC", "OK", "DENIED"]
 
 log = logging.getLogger("velo.tcp")
 
@@ -232,20 +241,22 @@ class _ServerPipe(_TcpPipe):
             self.transport.abort()
 
 
+class TcpTable(BackendTable):
+    """``[tunnel.tcp]``: validated by velo with the same messages as its own keys."""
+
+    url: url_for("tcp")  # type: ignore[valid-type]
+    so_keepalive: Flag = False
+    """SO_KEEPALIVE on the tunnel socket, for networks that drop idle flows silently."""
+
+
 class TcpBackend(TunnelBackend):
     name = "tcp"
     schemes = ("tcp",)
     description = "raw TCP with a token handshake (trusted networks, port-forward)"
 
-    async def connect(
-        self,
-        url: str,
-        token: str,
-        sink_factory: SinkFactory,
-        *,
-        timeout: float,
-        ssl_context: ssl.SSLContext | None = None,
-    ) -> _TcpPipe:
+    async def connect(self, endpoint: Endpoint, sink_factory: SinkFactory, *, timeout: float) -> _TcpPipe:
+        url, token, ssl_context = endpoint.url, endpoint.token, endpoint.ssl_context
+        keepalive = bool(getattr(endpoint.settings, "so_keepalive", False))
         try:
             parts = urlsplit(url)
             host, port = parts.hostname, parts.port
@@ -261,13 +272,15 @@ class TcpBackend(TunnelBackend):
         pipe = _ClientPipe(sink_factory, token, url, done)
         try:
             async with asyncio.timeout(timeout):
-                await loop.create_connection(
+                transport, _ = await loop.create_connection(
                     lambda: pipe,
                     host,
                     port,
                     ssl=ssl_context,
                     server_hostname=host if ssl_context is not None else None,
                 )
+                if keepalive:
+                    transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 await done
         except TunnelError:
             raise
@@ -305,3 +318,8 @@ class TcpBackend(TunnelBackend):
 @hookimpl
 def velo_tunnel_backends():
     return [TcpBackend()]
+
+
+@hookimpl
+def velo_config_tables():
+    return {"tunnel.tcp": TcpTable}

@@ -22,11 +22,11 @@ from kubernetes import watch
 from kubernetes.client.rest import ApiException
 
 from velo.hookspecs import hookimpl
-from velo.plan import Inventory, Reverse, Service, ServicePort
+from velo.plan import Inventory, Reverse, Service, ServicePort, build_plan, service_env
 from velo.provider import Endpoint, Provider, ProviderError, ProviderSession
 
 from . import intercept as ix
-from .api import Connection, call, connect, explain
+from .api import Connection, call, call_sync, connect, explain
 
 log = logging.getLogger("velo.kubernetes")
 
@@ -44,19 +44,27 @@ def rbac_role(namespace: str = "NAMESPACE") -> str:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": {"name": "velo-developer", "namespace": namespace},
+        # Each rule is a call velo makes; tests/kube/test_rbac.py runs a whole session as a
+        # user bound to exactly this Role.
         "rules": [
-            {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "patch", "update"]},
+            # discovery (list + watch), the selector swap and restore (get + patch)
+            {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "patch"]},
+            # the candidate's env: configMapKeyRef/secretKeyRef/envFrom (get); the session token (create, delete)
             {"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]},
-            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "create", "delete"]},
-            {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["get", "list", "create", "delete"]},
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
-            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
-            {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create", "delete"]},
-            {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get", "list"]},
+            {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "create", "delete"]},
+            # the traffic-proxy's identity
+            {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "delete"]},
             {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
-             "verbs": ["get", "list", "create", "delete"]},
+             "verbs": ["create", "delete"]},
+            # waiting for the traffic-proxy pod; the port-forward tunnel to it
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
+            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+            # the candidate's workload (get, list); the traffic-proxy (create, scale up, delete)
+            {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create", "patch", "delete"]},
+            {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get", "list"]},
+            # the session's Lease: taken, renewed, found by `velo down`, removed
             {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
-             "verbs": ["get", "list", "watch", "create", "update", "delete"]},
+             "verbs": ["get", "list", "create", "patch", "delete"]},
         ],
     }
     return yaml.safe_dump(role, sort_keys=False)
@@ -70,10 +78,10 @@ class KubernetesSession(ProviderSession):
         self.token = secrets.token_urlsafe(32)
         self.started = False
         self.intercepted: list[str] = []
-        self.warnings: list[str] = []
         self._warned: set[str] = set()  # warn once per Service, not on every re-discovery
         self._watch: watch.Watch | None = None
         self._stopping = threading.Event()
+        self._renewing: asyncio.Task | None = None
 
     @property
     def namespace(self) -> str:
@@ -97,21 +105,29 @@ class KubernetesSession(ProviderSession):
         reverses: list[Reverse] = []
         env: dict[str, str] = {}
         secret_keys: set[str] = set()
+        # The service-link variables the plan will give the candidate (pointing at the local
+        # listeners), so that `$(BACKEND_SERVICE_PORT)` in its env expands like the kubelet's.
+        links = service_env(list(build_plan(self.config, Inventory(tuple(inventory_services))).forwards))
         for name, local in self.config.local.items():
             svc = by_name.get(name)
             if svc is None:
                 close = difflib.get_close_matches(name, list(by_name), n=3)
                 hint = f"; did you mean {', '.join(close)}?" if close else ""
                 raise ProviderError(f"[local.{name}]: no Service {name} in namespace {self.namespace}{hint}")
+            refuse_candidate(name, svc, original_selector(svc))
             workload = await self._workload(name, svc, local.workload)
-            reverses += self._reverses(name, svc, local, workload)
+            reverses += self._reverses(name, svc, local)
             if workload is not None:
-                candidate = await self._candidate_env(svc, workload)
+                candidate = await self._candidate_env(svc, workload, links)
                 for key, value in candidate.env:
                     env[key] = value
                 secret_keys |= set(candidate.secret_keys)
-                self.warnings += list(candidate.warnings)
-        return Inventory(tuple(inventory_services), tuple(reverses), tuple(env.items()), frozenset(secret_keys))
+                for warning in candidate.warnings:  # said once, by `velo env` and `velo up` alike
+                    if warning not in self._warned:
+                        self._warned.add(warning)
+                        log.warning("[local.%s] env: %s", name, warning)
+        return Inventory(tuple(inventory_services), tuple(assign_proxy_ports(reverses)), tuple(env.items()),
+                         frozenset(secret_keys))
 
     def _service_ports(self, svc, warned: set) -> list[ServicePort]:
         name = svc.metadata.name
@@ -164,32 +180,22 @@ class KubernetesSession(ProviderSession):
                                 f'set local.{name}.workload = "<kind>/<name>" to pick one')
         return matches[0][1] if matches else None
 
-    async def _candidate_env(self, svc, workload):
+    async def _candidate_env(self, svc, workload, links: dict[str, str]):
         from .env import pick_container, resolve_env
 
         template = workload.spec.template
-        target_ports = [p.target_port for p in svc.spec.ports or []]
+        target_ports = ix.original_target_ports(svc)
         container = pick_container(template.spec, target_ports)
         pod_name = f"{workload.metadata.name}-velo-local"
-        return await asyncio.to_thread(resolve_env, self.conn.core, self.namespace, template, container, pod_name=pod_name)
+        return await asyncio.to_thread(resolve_env, self.conn.core, self.namespace, template, container,
+                                       pod_name=pod_name, service_env=links)
 
-    def _reverses(self, name: str, svc, local, workload) -> list[Reverse]:
-        container_ports = {}
-        if workload is not None:
-            for container in workload.spec.template.spec.containers:
-                for port in container.ports or []:
-                    if port.name:
-                        container_ports[port.name] = port.container_port
+    def _reverses(self, name: str, svc, local) -> list[Reverse]:
+        """One reverse route per intercepted Service port, each with its own traffic-proxy
+        port (``assign_proxy_ports``): two candidates on targetPort 8080 never share one."""
         ports = [p for p in svc.spec.ports or [] if (p.protocol or "TCP") == "TCP"]
         reverses = []
         for port in ports:
-            target = port.target_port if port.target_port is not None else port.port
-            target_name = ""
-            if isinstance(target, str) and not target.isdigit():
-                if target not in container_ports:
-                    raise ProviderError(f"Service {name} port {port.name or port.port}: targetPort {target!r} "
-                                        "is not a named port of its workload's containers")
-                target_name, target = target, container_ports[target]
             key = port.name or str(port.port)
             if local.ports is not None:
                 local_port = local.ports.get(key) or local.ports.get(str(port.port))
@@ -198,8 +204,7 @@ class KubernetesSession(ProviderSession):
                     continue
             else:
                 local_port = local.port
-            reverses.append(Reverse(name, port.name if len(ports) > 1 else "", int(target), local.host, local_port,
-                                    target_name))
+            reverses.append(Reverse(name, port.name if len(ports) > 1 else "", 0, local.host, local_port, port.port))
         return reverses
 
     async def watch(self) -> AsyncIterator[Inventory]:
@@ -213,7 +218,8 @@ class KubernetesSession(ProviderSession):
                 self._watch = watch.Watch()
                 try:
                     for event in self._watch.stream(self.conn.core.list_namespaced_service, self.namespace,
-                                                    resource_version=resource_version, timeout_seconds=60):
+                                                    resource_version=resource_version, timeout_seconds=60,
+                                                    _request_timeout=(10, 75)):  # a frozen apiserver too
                         resource_version = event["object"].metadata.resource_version
                         loop.call_soon_threadsafe(changed.set)
                 except ApiException as exc:
@@ -241,27 +247,68 @@ class KubernetesSession(ProviderSession):
 
     async def endpoints(self) -> list[Endpoint]:
         tunnel = self.config.tunnel
-        if not tunnel.url:
-            raise ProviderError("[tunnel] url is needed to reach the traffic-proxy (an Ingress or LoadBalancer "
-                                f"to its port {TUNNEL_PORT})")
-        return [Endpoint(name, tunnel.url, self.token) for name in [tunnel.backend, *tunnel.fallback]]
+        found = []
+        for name in tunnel.preference:
+            table = tunnel.table(name)
+            if getattr(table, "url", None):
+                found.append(Endpoint(name, table.url, self.token, settings=table))
+        if not found:
+            raise ProviderError("[tunnel.websocket] url is needed to reach the traffic-proxy (an Ingress or "
+                                f"LoadBalancer to its port {TUNNEL_PORT})")
+        return found
 
-    async def start(self, say) -> None:
-        """Create the traffic-proxy, wait for it, take the lease, swap the selectors."""
+    async def start(self, say, path_ready=None) -> None:
+        """Create the traffic-proxy and the Lease, wait until the tunnel and the reverse
+        listeners work, then swap the selectors: a Service never points at a dead end."""
         conn = self.conn
+        timeout = self.config.cluster.ready_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         repaired = await asyncio.to_thread(self._repair, False, None)
         for line in repaired:
             say(f"velo: {line}")
         inventory = await self.inventory()
         for name in self.config.local:
             await asyncio.to_thread(self._check_free, name)
+        self.started = True  # from here on, close() removes whatever exists
         await asyncio.to_thread(self._create_objects, inventory)
-        self.started = True
-        await self._wait_ready(say)
+        # Renewed from the moment it exists: a slow start (a cold image pull) must not look
+        # like a dead laptop to the traffic-proxy or to a teammate's velo.
+        self._renewing = asyncio.create_task(self._renew(), name="renewing the session's lease")
+        await self._wait_ready(say, deadline)
+        if path_ready is not None and self.config.local:
+            why = await path_ready(max(0.0, deadline - asyncio.get_running_loop().time()))
+            if why:
+                raise ProviderError(f"no path from the traffic-proxy to this laptop within {timeout:g}s "
+                                    f"(cluster.ready_timeout): {why}; no Service was changed")
         for name in self.config.local:
-            await asyncio.to_thread(ix.intercept, conn, name, self.session, lambda s: ix.lease_alive(conn, s))
+            ports = {r.service_port: r.gateway_port for r in inventory.reverses if r.service == name}
+            await asyncio.to_thread(ix.intercept, conn, name, self.session, lambda s: ix.lease_alive(conn, s), ports)
             self.intercepted.append(name)
             say(f"velo: Service {name} now sends its traffic to this laptop")
+
+    # ---- live edits -----------------------------------------------------------------
+
+    def reload_refused(self, config) -> str | None:
+        """The traffic-proxy and its tunnel belong to [cluster] and [tunnel], and its ports to
+        the candidates: such changes need a new session, which only a restart makes cleanly."""
+        if not self.started:
+            return None
+        if config.cluster != self.config.cluster or config.tunnel != self.config.tunnel:
+            return "[cluster] and [tunnel] changes need a restart of `velo up` (Ctrl-C, then `velo up`)"
+        added = sorted(set(config.local) - set(self.config.local))
+        if added:
+            return (f"intercepting {', '.join(f'[local.{n}]' for n in added)} needs a restart of `velo up` "
+                    "(the traffic-proxy's ports are fixed when it starts)")
+        return None
+
+    async def reconfigure(self, config) -> None:
+        """A candidate removed from velocity.toml gets its Service back at once."""
+        removed = [name for name in self.intercepted if name not in config.local]
+        self.config = config
+        for name in removed:
+            await asyncio.to_thread(ix.restore, self.conn, name, self.session)
+            self.intercepted.remove(name)
+            log.warning("Service %s: original selector restored ([local.%s] removed)", name, name)
 
     def _check_free(self, name: str) -> None:
         """Refuse before creating anything, rather than after the traffic-proxy is up."""
@@ -272,34 +319,27 @@ class KubernetesSession(ProviderSession):
         text = resources.files(__package__).joinpath("traffic-proxy.yaml").read_text()
         rendered = string.Template(text).substitute(
             session=self.session, namespace=self.namespace, user=ix.user_label(),
-            token=self.token, image=self.config.cluster.proxy_image,
+            token=self.token, image=self.config.cluster.proxy_image, **proxy_resources(self.config.cluster),
         )
         docs = [d for d in yaml.safe_load_all(rendered) if d]
-        target_ports = sorted({r.gateway_port for r in inventory.reverses})
-        tunnel_port = TUNNEL_PORT
-        while tunnel_port in target_ports:
-            tunnel_port += 1
+        proxy_ports = sorted({r.gateway_port for r in inventory.reverses})
+        tunnel_port = TUNNEL_PORT  # outside PROXY_PORTS
         self.tunnel_port = tunnel_port
-        # A Service whose targetPort is a name only gets endpoints on pods that declare a
-        # container port of that name, so the traffic-proxy declares the candidates' names.
-        names: dict[int, str] = {}
-        for reverse in inventory.reverses:
-            if reverse.target_name:
-                clash = next((p for p, n in names.items() if n == reverse.target_name and p != reverse.gateway_port), None)
-                if clash is not None:
-                    raise ProviderError(f"targetPort name {reverse.target_name!r} means port {clash} for one candidate "
-                                        f"and {reverse.gateway_port} for another; one traffic-proxy cannot serve both")
-                names[reverse.gateway_port] = reverse.target_name
         for doc in docs:
             if doc["kind"] == "Deployment":
                 container = doc["spec"]["template"]["spec"]["containers"][0]
+                # The namespace's own Services, and what its ExternalName Services alias.
+                aliases = sorted({f"{p.target_host}:{p.target_port}" for svc in inventory.services for p in svc.ports
+                                  if not p.target_host.endswith(f".{self.namespace}.svc.cluster.local")})
                 container["args"] = [
                     "--listen", f"ws://0.0.0.0:{tunnel_port}/velo", "--token-env", "VELO_TOKEN",
                     "--allow", f"*.{self.namespace}.svc.cluster.local:*",
+                    *[arg for alias in aliases for arg in ("--allow", alias)],
                     "--session", self.session, "--lease-check", "2",
+                    *(arg for p in proxy_ports for arg in ("--allow-reverse", str(p))),
                 ]
                 container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port}] + [
-                    {"containerPort": p, **({"name": names[p]} if p in names else {})} for p in target_ports
+                    {"containerPort": p} for p in proxy_ports
                 ]
                 probe = container.get("readinessProbe", {}).get("httpGet")
                 if probe:
@@ -320,32 +360,31 @@ class KubernetesSession(ProviderSession):
 
         conn = self.conn
         docs = self._manifests(inventory)
-        deployment = None
-        for doc in docs:
+
+        def create(doc):
             try:
-                created = utils.create_from_dict(conn.api, doc, namespace=self.namespace)
+                return utils.create_from_dict(conn.api, doc, namespace=self.namespace)[0]
             except utils.FailToCreateError as exc:
                 raise explain(exc.api_exceptions[0], conn, f"creating {doc['kind']} {doc['metadata']['name']}") from None
-            if doc["kind"] == "Deployment":
-                deployment = created[0]
+
+        # The Deployment first, scaled to zero: everything else is created owned by it, so
+        # deleting that one object (by name) removes the session whatever step failed.
+        deployment_doc = next(d for d in docs if d["kind"] == "Deployment")
+        deployment_doc["spec"]["replicas"] = 0
+        deployment = create(deployment_doc)
         owner = [{"apiVersion": "apps/v1", "kind": "Deployment", "name": deployment.metadata.name,
                   "uid": deployment.metadata.uid, "blockOwnerDeletion": False}]
-        patchers = {
-            "ServiceAccount": conn.core.patch_namespaced_service_account,
-            "Role": conn.rbac.patch_namespaced_role,
-            "RoleBinding": conn.rbac.patch_namespaced_role_binding,
-            "Secret": conn.core.patch_namespaced_secret,
-            "Lease": conn.coordination.patch_namespaced_lease,
-        }
         for doc in docs:
-            if doc["kind"] in patchers:  # owned by the Deployment: deleting it removes them all
-                patchers[doc["kind"]](doc["metadata"]["name"], self.namespace,
-                                      {"metadata": {"ownerReferences": owner}}, _request_timeout=15)
+            if doc is not deployment_doc:
+                doc["metadata"]["ownerReferences"] = owner
+                create(doc)
+        call_sync(conn, f"scaling Deployment {deployment.metadata.name}", conn.apps.patch_namespaced_deployment,
+                  deployment.metadata.name, self.namespace, {"spec": {"replicas": 1}})
 
-    async def _wait_ready(self, say) -> None:
+    async def _wait_ready(self, say, deadline: float) -> None:
         timeout = self.config.cluster.ready_timeout
         loop = asyncio.get_running_loop()
-        started = loop.time()
+        started = deadline - timeout
         selector = f"{ix.LABEL_SESSION}={self.session}"
         said = -10.0
         last_reason = "no pod yet"
@@ -368,11 +407,15 @@ class KubernetesSession(ProviderSession):
             await asyncio.sleep(0.5)
 
     async def keepalive(self) -> None:
-        """Renew the lease; if it lapsed anyway (laptop asleep), say so and stop."""
-        if not self.started:
-            return
+        """The lease renewal started by ``start``; its failure (the lease is gone) stops velo."""
+        if self._renewing is not None:
+            await asyncio.shield(self._renewing)
+
+    async def _renew(self) -> None:
+        """Renew the lease every lease/3; if it is gone anyway (laptop asleep), say so and stop."""
         interval = max(1.0, self.config.cluster.lease_seconds / 3)
         name = ix.lease_name(self.session)
+        failing = False
         while True:
             await asyncio.sleep(interval)
             try:
@@ -383,12 +426,28 @@ class KubernetesSession(ProviderSession):
                 if exc.status == 404:
                     raise ProviderError("this session's lease is gone: it lapsed (was the laptop asleep?) and the "
                                         "cluster restored the Services; run `velo up` again") from None
-                log.warning("renewing the lease failed: %s", exc.reason)
+                if not failing:
+                    log.warning("renewing the lease failed: %s (retrying; the tunnel keeps the session alive)",
+                                exc.reason)
+                failing = True
             except Exception as exc:  # network blip: try again next time, the lease has slack
-                log.warning("renewing the lease failed: %s", exc)
+                if not failing:
+                    log.warning("renewing the lease failed: %s (retrying; the tunnel keeps the session alive)", exc)
+                failing = True
+            else:
+                if failing:
+                    log.warning("renewing the lease works again")
+                failing = False
 
     async def close(self) -> None:
         self._stopping.set()
+        if self._renewing is not None:
+            self._renewing.cancel()
+            try:
+                await self._renewing
+            except (asyncio.CancelledError, Exception):
+                pass
+            self._renewing = None
         if self._watch is not None:
             self._watch.stop()
         if self.started:
@@ -400,10 +459,11 @@ class KubernetesSession(ProviderSession):
     def _repair(self, everything: bool, user: str | None) -> list[str]:
         """Clean sessions whose lease lapsed (or, with ``everything``, all of ``user``'s)."""
         lines = []
-        for session, lease in ix.sessions(self.conn, user).items():
+        found, now = ix.sessions(self.conn, user)
+        for session, lease in found.items():
             if session == self.session:
                 continue
-            if not everything and lease is not None and not ix.lease_expired(lease):
+            if not everything and lease is not None and not ix.lease_expired(lease, now):
                 continue
             restored = ix.clean_session(self.conn, session)
             lines.append(f"cleaned up session {session}" + (f" (restored {', '.join(restored)})" if restored else ""))
@@ -412,6 +472,50 @@ class KubernetesSession(ProviderSession):
     async def repair(self, everything: bool = False) -> list[str]:
         user = ix.user_label() if everything else None
         return await asyncio.to_thread(self._repair, everything, user)
+
+
+def proxy_resources(cluster) -> dict[str, str]:
+    """The traffic-proxy container's requests and limits ([cluster] proxy_cpu_request ...)."""
+    return {key: str(getattr(cluster, f"proxy_{key}"))
+            for key in ("cpu_request", "memory_request", "cpu_limit", "memory_limit")}
+
+
+def refuse_candidate(name: str, svc, selector: dict) -> None:
+    """Only what velo can carry is redirected: a selector swap moves every port of the
+    Service, and needs a selector to swap.  Said before anything is created."""
+    where = f"[local.{name}]: Service {name}"
+    if svc.spec.type == "ExternalName":
+        raise ProviderError(f"{where} is an ExternalName alias for {svc.spec.external_name}: it has no pods, "
+                            "so velo cannot send its traffic to this laptop")
+    if not selector:
+        raise ProviderError(f"{where} has no selector (its endpoints are managed by hand), "
+                            "so velo cannot send its traffic to this laptop")
+    for port in svc.spec.ports or []:
+        if (port.protocol or "TCP") != "TCP":
+            raise ProviderError(f"{where} has a {port.protocol} port {port.name or port.port}: intercepting it would "
+                                f"move that traffic too, and velo carries TCP only; put the {port.protocol} port "
+                                "in a Service of its own")
+
+
+PROXY_PORTS = (10000, 20000)
+
+
+def assign_proxy_ports(reverses: list[Reverse]) -> list[Reverse]:
+    """A distinct traffic-proxy port per intercepted Service port, stable across runs (the
+    Service's targetPort is pointed at it during the intercept and restored after)."""
+    import dataclasses
+    import zlib
+
+    low, high = PROXY_PORTS
+    taken: set[int] = set()
+    assigned = []
+    for reverse in sorted(reverses, key=lambda r: (r.service, r.service_port)):
+        port = low + zlib.crc32(f"{reverse.service}/{reverse.service_port}".encode()) % (high - low)
+        while port in taken:
+            port = low + (port - low + 1) % (high - low)
+        taken.add(port)
+        assigned.append(dataclasses.replace(reverse, gateway_port=port))
+    return assigned
 
 
 def original_selector(svc) -> dict:
@@ -465,3 +569,10 @@ class KubernetesProvider(Provider):
 @hookimpl
 def velo_cluster_providers():
     return [KubernetesProvider()]
+
+
+@hookimpl
+def velo_config_tables():
+    from .settings import KubernetesTable
+
+    return {"cluster.kubernetes": KubernetesTable}

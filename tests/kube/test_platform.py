@@ -1,0 +1,107 @@
+"""velo with the permissions and policies a platform team really sets: a non-admin user
+bound to exactly the Role `velo rbac` prints, in a namespace that enforces the
+"restricted" Pod Security Standard and a ResourceQuota.  A whole session runs there: up,
+forward and reverse requests, down, and after kill -9 the traffic-proxy repairing with its
+own least-privilege Role."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import subprocess
+
+import pytest
+import yaml
+from kubernetes import client
+
+from tests.helpers import http_get, wait_for
+from tests.kube.ingress import request_via_service
+from tests.kube.shop import kube_config, service, velo, velo_objects
+from velo.providers.kubernetes import intercept as ix
+
+pytestmark = pytest.mark.cluster
+
+USER = "dev-alice"
+REQUEST = b"GET / HTTP/1.1\r\nHost: website\r\nConnection: close\r\n\r\n"
+
+
+def user_kubeconfig(cluster, tmp_path, namespace: str):
+    """A client certificate from the test cluster's CA, for a user with no group and no rights."""
+    pki = cluster.cluster.pki
+    key, csr, crt, ext = (tmp_path / f"{USER}.{s}" for s in ("key", "csr", "crt", "ext"))
+    ext.write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
+                   "extendedKeyUsage=clientAuth\nauthorityKeyIdentifier=keyid,issuer\n")
+    for args in (["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", f"/CN={USER}"],
+                 ["x509", "-req", "-in", csr, "-CA", pki / "ca.crt", "-CAkey", pki / "ca.key", "-CAcreateserial",
+                  "-CAserial", tmp_path / "ca.srl", "-days", "1", "-extfile", ext, "-out", crt]):
+        subprocess.run(["openssl", *map(str, args)], check=True, capture_output=True)
+    data = yaml.safe_load(open(cluster.kubeconfig).read())
+    b64 = lambda p: base64.b64encode(p.read_bytes()).decode()  # noqa: E731
+    data["users"] = [{"name": USER, "user": {"client-certificate-data": b64(crt), "client-key-data": b64(key)}}]
+    for context in data["contexts"]:
+        context["context"]["user"] = USER
+        context["context"]["namespace"] = namespace
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps(data))
+    return path
+
+
+@pytest.fixture(scope="module")
+def platform(cluster, namespace, shop):
+    """The shop namespace, then locked down the way a platform team would."""
+    cluster.core.patch_namespace(namespace, {"metadata": {"labels": {
+        "pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}}})
+    cluster.core.create_namespaced_resource_quota(namespace, client.V1ResourceQuota(
+        metadata=client.V1ObjectMeta(name="team-quota"),
+        spec=client.V1ResourceQuotaSpec(hard={"requests.cpu": "2", "requests.memory": "2Gi",
+                                              "limits.cpu": "4", "limits.memory": "4Gi"})))
+    return shop
+
+
+def test_a_whole_session_as_a_user_bound_to_exactly_the_printed_role(cluster, namespace, platform, procs, tmp_path):
+    kubeconfig = user_kubeconfig(cluster, tmp_path, namespace)
+    laptop = procs.server("http", text="alice's laptop")
+    config = kube_config(tmp_path / "p", namespace, platform.url, candidate_port=laptop, lease=5)
+    denied = velo("env", cwd=config.parent, kubeconfig=kubeconfig)
+    assert denied.returncode == 2 and "permission denied" in denied.stderr, "the user starts with no rights"
+    printed = velo("rbac", cwd=config.parent, kubeconfig=kubeconfig)
+    assert printed.returncode == 0, printed.stderr
+    role = yaml.safe_load(printed.stdout)
+    cluster.rbac.create_namespaced_role(namespace, role)
+    cluster.rbac.create_namespaced_role_binding(namespace, client.V1RoleBinding(
+        metadata=client.V1ObjectMeta(name=f"{USER}-velo"),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=role["metadata"]["name"]),
+        subjects=[client.RbacV1Subject(kind="User", name=USER, api_group="rbac.authorization.k8s.io")]))
+    env = {"KUBECONFIG": str(kubeconfig)}
+
+    # up, forward, reverse, down
+    up = procs.up(config, env=env)
+    assert f"{namespace}/backend".encode() in http_get(up.port("backend"))
+    answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, REQUEST), 20,
+                      "a request to the Service website:80")
+    assert answer.endswith(b"alice's laptop")
+    pod = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_COMPONENT}={ix.COMPONENT}").items[0]
+    limits = pod.spec.containers[0].resources
+    assert limits.requests and limits.limits, "the quota admits only pods that declare requests and limits"
+    down = velo("down", cwd=config.parent, kubeconfig=kubeconfig, timeout=90)
+    assert down.returncode == 0, down.stderr
+    assert up.proc.wait(30) == 0
+    log = up.proc.log()
+    assert "permission denied" not in log and "forbidden" not in log.lower() and "failed" not in log, log
+    assert service(cluster, namespace).spec.selector == {"app": "website"}
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be gone")
+
+    # kill -9: the traffic-proxy repairs with its own Role (restore, delete its Lease and Deployment)
+    again = procs.up(config, env=env)
+    session = service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
+    proxy = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items[0]
+    proxy_log = cluster.pod_process(namespace, proxy.metadata.name)["log"]
+    again.proc.signal(signal.SIGKILL)
+    wait_for(lambda: service(cluster, namespace).spec.selector == {"app": "website"}, 30,
+             "the traffic-proxy to restore the Service")
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be gone")
+    text = open(proxy_log).read()
+    assert f"session {session} cleaned up" in text and "cleanup attempt" not in text, text[-3000:]
+    repair = velo("down", "--all", cwd=config.parent, kubeconfig=kubeconfig, timeout=90)
+    assert repair.returncode == 0 and "permission denied" not in repair.stderr, repair.stderr

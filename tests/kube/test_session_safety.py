@@ -1,0 +1,228 @@
+"""A shared namespace must never route a teammate's traffic into the void: the session's
+Lease is alive from the moment it exists, liveness never trusts two clocks, a live tunnel
+is proof of life, and a Service is redirected only once the path to the laptop works.
+
+Each test runs the real `velo up` against the local control plane; the traffic-proxy is
+the real `velo gateway` started by the pod runner.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from tests.cluster import podrunner
+from tests.helpers import free_port, wait_for
+from tests.kube.ingress import request_via_service
+from tests.kube.relay import CuttableRelay
+from tests.kube.shop import coordination, kube_config, kubeconfig_variant, service, velo, velo_objects
+from velo.providers.kubernetes import intercept as ix
+
+pytestmark = pytest.mark.cluster
+
+REQUEST = b"GET / HTTP/1.1\r\nHost: website\r\nConnection: close\r\n\r\n"
+
+
+def session_lease(cluster, namespace: str):
+    leases = coordination(cluster).list_namespaced_lease(namespace, label_selector=f"{ix.LABEL_MANAGED}=velo").items
+    return leases[0] if leases else None
+
+
+def intercepted(cluster, namespace: str) -> bool:
+    return service(cluster, namespace).spec.selector.get(ix.LABEL_COMPONENT) == ix.COMPONENT
+
+
+@pytest.fixture
+def slow_start(cluster, namespace):
+    """The traffic-proxy's process starts late, like a pod waiting for a cold image pull."""
+    state_dir = cluster.cluster.state_dir
+
+    def delay(seconds: float) -> None:
+        podrunner.set_start_delay(state_dir, namespace, seconds)
+
+    yield delay
+    delay(0)
+
+
+def test_no_reachable_tunnel_stops_within_ready_timeout_and_changes_nothing(cluster, namespace, shop, procs,
+                                                                            tmp_path):
+    before = service(cluster, namespace)
+    laptop = procs.server("http", text="laptop")
+    nowhere = f"ws://127.0.0.1:{free_port()}/velo"  # no Ingress: the tunnel can never connect
+    config = kube_config(tmp_path / "p", namespace, nowhere, candidate_port=laptop, ready_timeout=8)
+    started = time.monotonic()
+    result = velo("up", cwd=config.parent, kubeconfig=cluster.kubeconfig, timeout=90)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "no path from the traffic-proxy to this laptop within 8s" in result.stderr
+    assert "the tunnel is not connected" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "now sends its traffic" not in result.stdout
+    assert elapsed < 8 + 30, f"took {elapsed:.1f}s"
+    after = service(cluster, namespace)
+    assert after.metadata.resource_version == before.metadata.resource_version, "the Service was never touched"
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")
+
+
+def test_lease_is_renewed_from_creation_through_a_slow_start(cluster, namespace, shop, procs, tmp_path, slow_start):
+    lease_seconds = 5
+    slow_start(4 * lease_seconds)
+    laptop = procs.server("http", text="laptop after a slow start")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)}, wait_up=False)
+    created = wait_for(lambda: session_lease(cluster, namespace), 30, "the session's Lease")
+    first_renewal = created.spec.renew_time
+    session = created.metadata.labels[ix.LABEL_SESSION]
+    pods = f"{ix.LABEL_SESSION}={session}"
+
+    def proxy_started() -> bool:
+        return any(cluster.pod_process(namespace, p.metadata.name)
+                   for p in cluster.core.list_namespaced_pod(namespace, label_selector=pods).items)
+
+    # Renewed while the traffic-proxy is still starting, as a teammate's kubectl would see it.
+    renewed = wait_for(lambda: (lease := session_lease(cluster, namespace)) and lease.spec.renew_time > first_renewal
+                       and lease, 2 * lease_seconds, "a renewal of the Lease during the slow start")
+    assert not proxy_started() and not intercepted(cluster, namespace)
+    # A teammate's velo, after more than a lease of slow start, must see a live session.
+    waited = renewed.spec.renew_time.timestamp() - first_renewal.timestamp()
+    time.sleep(max(0.0, lease_seconds + 1 - waited))  # let a full lease pass since creation
+    assert not proxy_started(), "the start must still be slow for this test to mean anything"
+    teammate = kube_config(tmp_path / "teammate", namespace, shop.url, exclude='"*"')
+    repair = velo("down", cwd=teammate.parent, kubeconfig=cluster.kubeconfig, timeout=90)
+    assert repair.returncode == 0, repair.stderr
+    assert "cleaned up session" not in repair.stdout, repair.stdout
+    # The slow start completes: the Service reaches the laptop.
+    wait_for(lambda: intercepted(cluster, namespace), 4 * lease_seconds + 60, f"the intercept; log:\n{up.proc.log()}")
+    answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, REQUEST), 20,
+                      "a request to the Service website:80")
+    assert answer.endswith(b"laptop after a slow start")
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+
+
+LIBFAKETIME = "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1"
+
+
+def skewed(offset: str) -> dict[str, str]:
+    """The environment that runs a process with its wall clock ``offset`` off (libfaketime)."""
+    if not os.path.exists(LIBFAKETIME):
+        pytest.fail(f"{LIBFAKETIME} missing: `make test` installs Debian's faketime package", pytrace=False)
+    return {"LD_PRELOAD": LIBFAKETIME, "FAKETIME": offset, "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            "FAKETIME_NO_CACHE": "1"}
+
+
+def renewals(cluster, namespace: str, count: int, timeout: float) -> None:
+    """Wait until the session's Lease was written ``count`` more times (time passing, measured
+    by the laptop's own renewals)."""
+    seen = {session_lease(cluster, namespace).metadata.resource_version}
+    wait_for(lambda: seen.add(session_lease(cluster, namespace).metadata.resource_version) or len(seen) > count,
+             timeout, f"{count} renewals of the Lease", interval=0.2)
+
+
+def test_a_laptop_clock_ten_minutes_slow_keeps_its_session(cluster, namespace, shop, procs, tmp_path):
+    """Its renewTime looks ten minutes old to everyone else: neither the traffic-proxy nor a
+    teammate's `velo down` may take that as a dead session."""
+    lease_seconds = 5
+    laptop = procs.server("http", text="slow clock laptop")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig", insecure=True)
+    up = procs.up(config, env={"KUBECONFIG": str(kubeconfig), **skewed("-10m")})
+    assert intercepted(cluster, namespace)
+    lease = session_lease(cluster, namespace)
+    assert lease.spec.renew_time.timestamp() < time.time() - 500, "the skew must be real"
+    renewals(cluster, namespace, 3, 10 * lease_seconds)
+    teammate = kube_config(tmp_path / "teammate", namespace, shop.url, exclude='"*"')
+    repair = velo("down", cwd=teammate.parent, kubeconfig=cluster.kubeconfig, timeout=90)
+    assert repair.returncode == 0 and "cleaned up session" not in repair.stdout, repair.stdout + repair.stderr
+    assert intercepted(cluster, namespace)
+    answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, REQUEST), 20,
+                      "a request to the Service website:80")
+    assert answer.endswith(b"slow clock laptop")
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    assert not intercepted(cluster, namespace)
+
+
+def test_a_laptop_clock_ten_minutes_fast_is_still_noticed_gone(cluster, namespace, shop, procs, tmp_path):
+    """Its renewTime lies ten minutes in the future: after kill -9 the traffic-proxy must still
+    restore the Service within about a lease, judging by what it saw change."""
+    lease_seconds = 5
+    laptop = procs.server("http", text="fast clock laptop")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig), **skewed("+10m")})
+    assert intercepted(cluster, namespace)
+    assert session_lease(cluster, namespace).spec.renew_time.timestamp() > time.time() + 500, "the skew must be real"
+    up.proc.signal(signal.SIGKILL)
+    killed = time.monotonic()
+    wait_for(lambda: service(cluster, namespace).spec.selector == {"app": "website"}, lease_seconds + 15,
+             "the traffic-proxy to restore the Service after the laptop died")
+    print(f"restored {time.monotonic() - killed:.1f}s after kill -9 (lease {lease_seconds}s, laptop clock +10 min)")
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")
+
+
+def test_a_live_tunnel_keeps_the_session_while_the_laptop_cannot_reach_the_apiserver(cluster, namespace, shop,
+                                                                                      procs, tmp_path):
+    """Renewals fail for several leases (the laptop lost the cluster API), but its tunnel is
+    connected the whole time: the traffic-proxy must keep routing to it."""
+    from urllib.parse import urlsplit
+
+    lease_seconds = 5
+    api = urlsplit(cluster.server)
+    relay = CuttableRelay(api.hostname, api.port)
+    try:
+        kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig",
+                                        server=f"https://127.0.0.1:{relay.port}")
+        laptop = procs.server("http", text="laptop still here")
+        config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+        up = procs.up(config, env={"KUBECONFIG": str(kubeconfig)})
+        assert intercepted(cluster, namespace)
+        before = session_lease(cluster, namespace).metadata.resource_version
+        relay.cut()
+        up.proc.wait_log("renewing the lease failed", timeout=3 * lease_seconds)
+        outage = time.monotonic()
+        # Several leases without a renewal; the tunnel stays up and keeps carrying requests.
+        while time.monotonic() - outage < 3 * lease_seconds:
+            answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, REQUEST), 20,
+                              "a request to the Service during the outage")
+            assert answer.endswith(b"laptop still here")
+            assert intercepted(cluster, namespace), "the traffic-proxy restored a Service whose laptop is connected"
+            time.sleep(0.5)
+        assert session_lease(cluster, namespace).metadata.resource_version == before, "no renewal got through"
+        assert up.status()["tunnel"]["state"] == "up"
+        relay.mend()
+        renewals(cluster, namespace, 1, 4 * lease_seconds)
+        assert intercepted(cluster, namespace)
+        up.proc.signal(signal.SIGTERM)
+        assert up.proc.wait(60) == 0
+        assert not intercepted(cluster, namespace)
+    finally:
+        relay.close()
+
+
+def test_live_edits_restore_a_removed_candidate_and_refuse_what_needs_a_restart(cluster, namespace, shop, procs,
+                                                                               tmp_path):
+    laptop = procs.server("http", text="laptop")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    assert intercepted(cluster, namespace)
+    with_candidate = config.read_text()
+    without = with_candidate.replace(f"\n[local.website]\nport = {laptop}\n", "\n")
+    assert without != with_candidate
+    config.write_text(without)
+    wait_for(lambda: service(cluster, namespace).spec.selector == {"app": "website"}, 20,
+             f"the removed candidate's Service to be restored; log:\n{up.proc.log()[-2000:]}")
+    up.proc.wait_log("Service website: original selector restored ([local.website] removed)")
+    assert ix.ANN_SESSION not in (service(cluster, namespace).metadata.annotations or {})
+
+    config.write_text(with_candidate)  # added back: needs a new traffic-proxy, so a restart
+    up.proc.wait_log("intercepting [local.website] needs a restart of `velo up`", timeout=20)
+    config.write_text(with_candidate.replace("lease_seconds = 30", "lease_seconds = 60"))
+    up.proc.wait_log("[cluster] and [tunnel] changes need a restart of `velo up`", timeout=20)
+    assert not intercepted(cluster, namespace) and up.proc.running()
+    assert up.status()["last_reload_error"].startswith("[cluster] and [tunnel] changes need a restart")
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")
