@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 CLUSTER_DIR ?= /tmp/velo-cluster
 
-.PHONY: demo test test-fast bench install clean system-deps cluster-bins cluster-up cluster-down integration-tools
+.PHONY: demo test test-fast bench install clean system-deps cluster-bins cluster-up cluster-down integration-tools env-readers
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "velo needs Python 3.11+")'
@@ -49,7 +49,12 @@ integration-tools:
 	@if command -v go >/dev/null; then tests/tools/compose.sh >/dev/null && tests/tools/tilt.sh >/dev/null; \
 	else echo "no Go toolchain: Compose and Tilt tests will be skipped (an error under CI=true)"; fi
 
-test: $(STAMP) system-deps cluster-bins integration-tools
+# The real env-file readers the env tests use: Node's dotenv (npm, into ~/.cache/velo/npm)
+# and Debian's fish and direnv. A no-op once installed.
+env-readers:
+	tests/env_readers/install.sh
+
+test: $(STAMP) system-deps cluster-bins integration-tools env-readers
 	$(PY) -m pytest
 
 cluster-up: $(STAMP) system-deps cluster-bins

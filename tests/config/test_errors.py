@@ -127,7 +127,7 @@ LIST = [1, 2]
         'got "pod/website"',
         'velocity.toml: remote.services.db.target: expected "host:port" (or "[ipv6]:port") with a port 1-65535, '
         'got "db"',
-        'velocity.toml: env.format: expected one of "dotenv", "shell", "json", got "yaml"',
+        'velocity.toml: env.format: expected one of "dotenv", "compose", "docker", "sh", "fish", "powershell", "json", "shell", got "yaml"',
         "velocity.toml: env.vars.LIST: expected a string, number or boolean, got [1, 2]",
     ]
 
