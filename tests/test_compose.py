@@ -88,8 +88,10 @@ def _project(tmp_path, procs, image, *, listen: str | None):
     remote = procs.server("http", text="from-the-cluster")
     local_port, expose = free_port(), free_port()
     gateway = procs.gateway(f"127.0.0.1:{remote}", allow_reverse=(expose,))
-    extra = f'[remote]\nlisten = "{listen}"\n' if listen else ""
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{remote}"},
+    # a pinned free local port: the hashed default is the same for every test run on this machine
+    extra = f'[remote.services.web]\ntarget = "127.0.0.1:{remote}"\nlocal_port = {free_port()}\n'
+    extra += f'[remote]\nlisten = "{listen}"\n' if listen else ""
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url,
                           local={"app": (local_port, expose)}, extra=extra)
     (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump({"services": {"app": {
         "image": image, "command": ["sh", "-c", APP_COMMAND], "expose": ["8080"], "stop_signal": "SIGKILL",
@@ -170,9 +172,9 @@ def test_velo_up_compose_runs_the_project_and_stops_it(procs, tmp_path, image):
 def test_override_survives_compose_interpolation_and_bad_input_is_one_line(procs, tmp_path, image):
     remote = procs.server("http", text="x")
     gateway = procs.gateway(f"127.0.0.1:{remote}")
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{remote}"},
-                          local={"app": (free_port(), free_port())},
-                          extra='[env.vars]\nPASSWORD = "pa$$word${HOME}"\n')
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, local={"app": (free_port(), free_port())},
+                          extra=f'[remote.services.web]\ntarget = "127.0.0.1:{remote}"\nlocal_port = {free_port()}\n'
+                          '[env.vars]\nPASSWORD = "pa$$word${HOME}"\n')
 
     result = velo("compose", "-c", str(config), cwd=tmp_path)  # no compose file yet
     assert result.returncode == 2 and "no Compose file in" in result.stderr
