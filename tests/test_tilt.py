@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, free_port, write_config
+from tests.helpers import ROOT, free_port, status_cli, wait_for, write_config
 
 EXTENSION = ROOT / "plugins" / "tilt" / "Tiltfile"
 VELO_BIN = str(Path(sys.executable).with_name("velo"))
@@ -114,6 +114,8 @@ def test_tilt_ci_runs_the_mesh_and_a_candidate_with_velos_env(tilt, procs, tmp_p
     assert "check got: app saw: from-the-cluster" in log  # reverse in, forward out, env from velo
     assert (tmp_path / ".env").exists()                    # velo up --no-run wrote it
     assert "velo: started" not in log                      # --no-run: velo started no candidate itself
+    # Tilt owns velo's lifecycle: when `tilt ci` is done, velo up has stopped too
+    wait_for(lambda: status_cli(tmp_path / "velocity.toml") == {"running": False}, 30, "velo up to stop with tilt")
 
 
 def test_the_candidate_waits_for_velo_to_be_ready(tilt, procs, tmp_path):
