@@ -47,23 +47,23 @@ def cmd_up(args) -> int:
 
     config = _config(args)
     _log_level(args)
-    compose = _compose_up(config) if args.compose else None
     only = [name for item in args.only or [] for name in item.split(",") if name]
     unknown = [name for name in only if name not in config.local]
     if unknown:
         raise UserError(f"--only {', '.join(unknown)}: no such [local.<name>] in {config.source_path.name} "
                         f"(candidates: {', '.join(config.local) or 'none'})")
 
+    compose = _compose_up(config) if args.compose else None
+
     async def main() -> int:
-        say = lambda line: print(line, flush=True)  # noqa: E731
-        up = Up(config, say=say, run_candidates=not args.no_run,
+        up = Up(config, say=lambda line: print(line, flush=True), run_candidates=not args.no_run,
                 only=only or None, colour=sys.stdout.isatty() and not os.environ.get("NO_COLOR"),
                 listen_host=compose and compose.listen_host)
         up.handle_signals()  # before start: a stop while waiting for the cluster is a stop too
         try:
             if await up.start_unless_stopped():
                 if compose is not None:
-                    await compose.start(up, say)
+                    await compose.start(up, lambda line: print(line, flush=True))
                 await up.run_until_stopped()
         except StartupError as exc:
             raise UserError(str(exc)) from None
@@ -76,6 +76,22 @@ def cmd_up(args) -> int:
         return 1 if up.fatal else 0
 
     return run(main())
+
+
+def cmd_run(args) -> int:
+    """`velo run -- CMD`: CMD gets the environment of the running `velo up`, then replaces velo."""
+    config = _config(args)
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise UserError("velo run needs a command: velo run -- CMD [ARGS...]")
+    env, _secret_keys = _session_env(config)
+    if env is None:
+        raise UserError(f"no `velo up` is running for {config.root}; start it first")
+    sys.stdout.flush()
+    try:
+        os.execvpe(command[0], command, {**os.environ, **env})
+    except OSError as exc:
+        raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from None
 
 
 class _ComposeUp:
@@ -140,22 +156,6 @@ def cmd_compose(args) -> int:
     print(f"velo: run `velo up --compose`, or `velo up` with remote.listen on an address containers reach "
           f"and `docker compose {files} -f {path.name} up`")
     return 0
-
-
-def cmd_run(args) -> int:
-    """`velo run -- CMD`: CMD gets the environment of the running `velo up`, then replaces velo."""
-    config = _config(args)
-    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
-    if not command:
-        raise UserError("velo run needs a command: velo run -- CMD [ARGS...]")
-    env, _secret_keys = _session_env(config)
-    if env is None:
-        raise UserError(f"no `velo up` is running for {config.root}; start it first")
-    sys.stdout.flush()
-    try:
-        os.execvpe(command[0], command, {**os.environ, **env})
-    except OSError as exc:
-        raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from None
 
 
 def cmd_down(args) -> int:
@@ -469,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "gateway restores the session's Services and removes its objects")
     p.add_argument("--lease-check", type=float, default=2.0, metavar="SECONDS",
                    help="how often to check the session's Lease (default: 2)")
+    p.add_argument("--version", action="version", version=f"velo {__version__}",
+                   help="print the version (the traffic-proxy image must match the client)")
     log_arg(p)
 
     p = add("demo", cmd_demo, "see velo work on this machine: no cluster, no config needed",

@@ -194,6 +194,7 @@ def test_example_file_mentions_every_key() -> None:
     text = (REPO / "velocity.toml.example").read_text()
     models = [VelocityConfig, ClusterConfig, TunnelConfig, LocalService, RemoteService, EnvConfig]
     from velo.config import ProjectConfig, RemoteConfig, installed_tables
+
     from velo.config.models import ComposeConfig
 
     models += [ProjectConfig, RemoteConfig, ComposeConfig]

@@ -341,6 +341,9 @@ class KubernetesSession(ProviderSession):
                 container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port}] + [
                     {"containerPort": p} for p in proxy_ports
                 ]
+                pull_secrets = self.config.cluster.image_pull_secrets
+                if pull_secrets:
+                    doc["spec"]["template"]["spec"]["imagePullSecrets"] = [{"name": n} for n in pull_secrets]
                 probe = container.get("readinessProbe", {}).get("httpGet")
                 if probe:
                     probe["port"] = tunnel_port
