@@ -48,7 +48,8 @@ env-readers:
 
 # The Compose and Tilt tests: a Docker engine (Debian docker.io, started if not running), the
 # Compose v2 plugin and tilt, both built from the Go module proxy (+ npm for tilt's web UI)
-# into ~/.cache/velo/tools/<tool>-<version> (cold: compose ~5 min, tilt ~15 min; then no-ops).
+# into ~/.cache/velo/tools/<tool>-<version> (cold, measured under load on 2 cores: compose 11 min,
+# tilt 37 min incl. its web UI; then no-ops).
 integration-tools:
 	@tests/docker/engine.sh >/dev/null || echo "no Docker engine: Docker tests will be skipped (an error under CI=true)"
 	@if command -v go >/dev/null; then tests/tools/compose.sh >/dev/null && tests/tools/tilt.sh >/dev/null; \
