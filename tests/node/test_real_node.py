@@ -4,7 +4,7 @@ same local base, both imported into the node's containerd (nothing is pulled).
 
   * `velo up` (kubernetes provider) creates the traffic-proxy; the kubelet runs it from the
     local store as UID 65532 with no capabilities; its readiness probe passes.
-  * The tunnel: until velo has its port-forward backend, `[tunnel] url` points at a local relay
+  * The tunnel: until velo has its port-forward backend, `[tunnel.websocket] url` points at a relay
     that opens, per connection, a port-forward to the ready traffic-proxy pod through the
     apiserver and the REAL kubelet's streaming path (kubelet -> containerd CRI stream server).
   * A forward request reaches the sample `backend` pod (cluster DNS -> ClusterIP -> kube-proxy).
@@ -174,10 +174,12 @@ lease_seconds = 30
 ready_timeout = 180
 
 [tunnel]
-url = "{url}"
 reconnect_max_delay = 0.5
 keepalive_interval = 1.0
 keepalive_timeout = 3.0
+
+[tunnel.websocket]
+url = "{url}"
 
 [local.website]
 port = {laptop_port}
