@@ -62,9 +62,7 @@ def proxy_image(request, docker_engine) -> str:
 def app_image(request, proxy_image) -> str:
     base = subprocess.run(["bash", str(ROOT / "proxy/base-image.sh")], stdout=subprocess.PIPE, text=True,
                           check=True).stdout.strip().splitlines()[-1]
-    with _uncaptured(request):
-        subprocess.run(["docker", "build", "--network", "none", "--build-arg", f"BASE={base}", "-t", APP_IMAGE,
-                        str(ROOT / "tests/node/app")], check=True, stdout=subprocess.DEVNULL)
+    _docker_build(base, APP_IMAGE, ROOT / "tests/node/app")
     return APP_IMAGE
 
 
@@ -72,10 +70,16 @@ def app_image(request, proxy_image) -> str:
 def pause_image(request, docker_engine) -> str:
     base = subprocess.run(["bash", str(ROOT / "proxy/base-image.sh")], stdout=subprocess.PIPE, text=True,
                           check=True).stdout.strip().splitlines()[-1]
-    with _uncaptured(request):
-        subprocess.run(["docker", "build", "--network", "none", "--build-arg", f"BASE={base}",
-                        "-t", nodemod.PAUSE_IMAGE, str(ROOT / "tests/node/pause")], check=True, stdout=subprocess.DEVNULL)
+    _docker_build(base, nodemod.PAUSE_IMAGE, ROOT / "tests/node/pause")
     return nodemod.PAUSE_IMAGE
+
+
+def _docker_build(base: str, tag: str, context: Path) -> None:
+    """docker build offline on the local base; its output only when it fails."""
+    r = subprocess.run(["docker", "build", "--network", "none", "--build-arg", f"BASE={base}", "-t", tag,
+                        str(context)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.fail(f"docker build {tag} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}", pytrace=False)
 
 
 class RealNodeHandle:

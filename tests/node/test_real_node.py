@@ -27,7 +27,7 @@ import pytest
 from kubernetes import client
 from kubernetes.stream import portforward
 
-from tests.helpers import http_get, wait_for
+from tests.helpers import Up, http_get, wait_for
 from tests.node.conftest import APP_IMAGE
 from velo.providers.kubernetes import intercept as ix
 
@@ -203,7 +203,12 @@ def test_velo_up_on_a_real_node_forward_reverse_and_container_restart(real_node,
     core = real_node.core
     laptop = procs.server("http", text="hello from the laptop")
     config = _config(tmp_path, shop.url, laptop)
-    up = procs.up(config, wait_up=False, env={"KUBECONFIG": real_node.kubeconfig})
+    # procs.up() allows 20 s to start; a loaded 2-core CI machine needs more for the first status
+    proc = procs.start("up", [sys.executable, "-m", "velo", "up", "-c", str(config)],
+                       env={"KUBECONFIG": real_node.kubeconfig}, cwd=config.parent)
+    up = Up(proc, config)
+    wait_for(lambda: up.status() or not proc.running(), 120, "velo up to start")
+    assert proc.running(), f"velo up exited:\n{proc.log()}"
     up.wait_state("up", timeout=240)
 
     # the traffic-proxy pod: the kubelet ran the image from the local store, under its security context
