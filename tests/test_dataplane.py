@@ -193,7 +193,7 @@ def test_full_send_queue_never_stalls_a_stream(procs):
     from velo.backends.websocket import WebSocketBackend
     from velo.engine.mesh import ForwardListener
     from velo.plan import Forward
-    from velo.transport import GatewayListen
+    from velo.transport import Endpoint, GatewayListen
     from velo.tunnel import Tunnel
 
     echo = procs.server("echo")
@@ -208,8 +208,8 @@ def test_full_send_queue_never_stalls_a_stream(procs):
         server = await backend.serve(GatewayListen("127.0.0.1", 0, "/t"), lambda token: token == "k",
                                      lambda: Tunnel(client=False, resolve=resolve, max_buffered=small_queue))
         client = Tunnel(client=True, max_buffered=small_queue)
-        await backend.connect(f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/t", "k",
-                              lambda: client, timeout=10)
+        url = f"ws://127.0.0.1:{server.sockets[0].getsockname()[1]}/t"
+        await backend.connect(Endpoint("websocket", url, "k"), lambda: client, timeout=10)
         await client.connected
         spec = Forward("echo", "", 0, "127.0.0.1", 0, "127.0.0.1", echo)
         listener = ForwardListener(spec, client)  # a Tunnel opens streams like a TunnelClient

@@ -127,7 +127,7 @@ LIST = [1, 2]
         'got "pod/website"',
         'velocity.toml: remote.services.db.target: expected "host:port" (or "[ipv6]:port") with a port 1-65535, '
         'got "db"',
-        'velocity.toml: env.format: expected one of "dotenv", "shell", "json", got "yaml"',
+        'velocity.toml: env.format: expected one of "dotenv", "compose", "docker", "sh", "fish", "powershell", "json", "shell", got "yaml"',
         "velocity.toml: env.vars.LIST: expected a string, number or boolean, got [1, 2]",
     ]
 
@@ -237,7 +237,7 @@ def test_unknown_key_inside_remote_service_table() -> None:
 
 def test_unknown_key_without_a_close_match_lists_allowed_keys() -> None:
     assert errors(HEAD + "[remote]\nzzz = 1\n") == [
-        "velocity.toml: remote.zzz: unknown key; allowed keys: include, exclude, services"
+        "velocity.toml: remote.zzz: unknown key; allowed keys: include, exclude, services, listen"
     ]
     assert errors(HEAD + "[env]\nwhatever = 1\n") == [
         "velocity.toml: env.whatever: unknown key; allowed keys: file, format, vars"

@@ -6,7 +6,7 @@
 #
 # 1. If `docker info` already answers (a laptop with Docker running), do nothing.
 # 2. Otherwise, as root on Debian: install `docker.io` (dockerd, containerd, runc, iptables)
-#    when dockerd is missing, then start dockerd in the background with flags that work on
+#    when dockerd is missing (and busybox-static, what tests/docker/image.sh builds images from), then start dockerd in the background with flags that work on
 #    this machine (a Firecracker VM with a cgroup v1/v2 hybrid: cgroupfs driver, overlay2 on
 #    ext4, iptables through Debian's nft backend) and wait until it answers.
 # 3. Not root / no apt: say what to install and exit 3 (the tests then skip, or fail under CI).
@@ -24,26 +24,27 @@ WAIT_S=${VELO_DOCKER_WAIT:-120}
 log() { echo "velo-docker: $*" >&2; }
 answers() { timeout 20 docker -H "unix://$SOCK" info >/dev/null 2>&1; }
 
-if command -v docker >/dev/null && answers; then echo "unix://$SOCK"; exit 0; fi
+if [ -x /bin/busybox ] && command -v docker >/dev/null && answers; then echo "unix://$SOCK"; exit 0; fi
 
 mkdir -p "$STATE"
 exec 9>"$STATE/.lock"
 if command -v flock >/dev/null; then
   flock -n 9 || { log "another engine.sh is installing/starting the engine; waiting for it..."; flock 9; }
 fi
-if command -v docker >/dev/null && answers; then echo "unix://$SOCK"; exit 0; fi
+if [ -x /bin/busybox ] && command -v docker >/dev/null && answers; then echo "unix://$SOCK"; exit 0; fi
 
-if ! command -v dockerd >/dev/null; then
+if ! command -v dockerd >/dev/null || [ ! -x /bin/busybox ]; then
   if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
-    log "no Docker engine: install Docker (Debian: apt-get install docker.io) and start it"
+    command -v dockerd >/dev/null || log "no Docker engine: install Docker (Debian: apt-get install docker.io) and start it"
+    [ -x /bin/busybox ] || log "no /bin/busybox for the test image: install it (Debian: apt-get install busybox-static)"
     exit 3
   fi
-  log "installing Debian's docker.io (dockerd, containerd, runc, iptables)..."
+  log "installing Debian's docker.io (dockerd, containerd, runc, iptables) and busybox-static..."
   export DEBIAN_FRONTEND=noninteractive
   # another helper/CI step may hold the dpkg lock: wait for it instead of failing
   apt-get -o DPkg::Lock::Timeout=600 update -qq
   apt-get -o DPkg::Lock::Timeout=600 install -y -qq --no-install-recommends \
-    docker.io containerd runc iptables ca-certificates >/dev/null
+    docker.io containerd runc iptables ca-certificates busybox-static >/dev/null
 fi
 
 # a dockerd left over from a killed run (pid file present, process gone) blocks a restart
@@ -64,7 +65,7 @@ if ! pgrep -x dockerd >/dev/null; then
     --storage-driver "$DRIVER" \
     --iptables=true --ip-forward=true \
     --userland-proxy=true \
-    >>"$LOG" 2>&1 </dev/null &
+    >>"$LOG" 2>&1 </dev/null 9>&- &   # 9>&-: the daemon must not hold our lock
 fi
 
 deadline=$(( $(date +%s) + WAIT_S ))
