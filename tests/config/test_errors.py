@@ -179,7 +179,7 @@ def test_unknown_key_of_the_provider_is_checked_by_its_model() -> None:
     text = '[project]\nname = "shop"\n[cluster]\nprovider = "kubernetes"\nzzz = 1\n'
     assert errors(text) == [
         "velocity.toml: cluster.zzz: unknown key; allowed keys: provider, context, namespace, lease_seconds, "
-        "proxy_image, ready_timeout, proxy_cpu_request, proxy_memory_request, proxy_cpu_limit, proxy_memory_limit, on_drift"
+        "proxy_image, image_pull_secrets, ready_timeout, proxy_cpu_request, proxy_memory_request, proxy_cpu_limit, proxy_memory_limit, on_drift"
     ]
 
 
