@@ -27,6 +27,22 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_IMAGE = "localhost/velo-test/sample-app:1"
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the node's binaries before the first test when real-node tests are selected, so a
+    cold build (~5 min; `make test` does it earlier) does not count against a test's timeout."""
+    if not any("real_node" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    if harness.can_build() and not nodemod.node_binaries_ready():
+        capman = session.config.pluginmanager.getplugin("capturemanager")
+        import contextlib
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            try:
+                harness.ensure_binaries()
+                nodemod.ensure_node_binaries()
+            except harness.ClusterError as e:  # the fixture reports it per test
+                print(f"velo-node: {e}")
+
+
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason} (CI=true: this must run)", pytrace=False)

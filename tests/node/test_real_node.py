@@ -31,7 +31,8 @@ from tests.helpers import Up, http_get, wait_for
 from tests.node.conftest import APP_IMAGE
 from velo.providers.kubernetes import intercept as ix
 
-pytestmark = [pytest.mark.slow]
+# the first test also pays for the node's start (~30-60 s) and every wait is generous for a loaded CI
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 NS = "shop"
 
 
