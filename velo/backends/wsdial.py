@@ -80,7 +80,9 @@ def _explain(url: str, exc: Exception, timeout: float, rejected: str) -> TunnelE
     if isinstance(exc, TimeoutError):
         return TunnelError(f"{url}: no answer within {timeout:g}s")
     if isinstance(exc, ssl.SSLError):
-        return TunnelError(f"{url}: TLS failed: {exc.reason or exc}")
+        from velo.tls import explain
+
+        return TunnelError(f"{url}: TLS failed: {explain(exc)}")
     if isinstance(exc, OSError):
         return TunnelError(f"{url}: {exc.strerror or exc}")
     return TunnelError(f"{url}: {type(exc).__name__}: {exc}")

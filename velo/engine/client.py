@@ -29,7 +29,7 @@ from velo.mux import SessionClosedError
 from velo.plugins import get_backend
 from velo.provider import Endpoint
 from velo.transport import TunnelError
-from velo.tunnel import Bridge, StreamStats, Tunnel
+from velo.tunnel import Bridge, StreamStats, Tunnel, reset_transport
 
 log = logging.getLogger("velo.client")
 
@@ -110,7 +110,7 @@ class TunnelClient:
         for bridge, _header, timer in self._waiting:
             timer.cancel()
             if bridge.transport is not None:
-                bridge.transport.abort()
+                reset_transport(bridge.transport)
         self._waiting.clear()
 
     def restart(self) -> None:
@@ -279,7 +279,7 @@ class TunnelClient:
                 # and this connection waits for the new tunnel like any other.
                 tunnel.close(f"no new streams on this tunnel: {exc}")
         if self.wait_for_tunnel <= 0:
-            bridge.transport.abort()
+            reset_transport(bridge.transport)
             return
         timer = asyncio.get_running_loop().call_later(self.wait_for_tunnel, self._expire, bridge)
         self._waiting.append((bridge, header, timer))
@@ -289,7 +289,7 @@ class TunnelClient:
         bridge.stats.errors += 1
         bridge.stats.last_error = f"tunnel not back within {self.wait_for_tunnel:g}s"
         if bridge.transport is not None:
-            bridge.transport.abort()
+            reset_transport(bridge.transport)
 
     # ---- control stream ---------------------------------------------------------
 

@@ -83,6 +83,8 @@ class KubernetesSession(ProviderSession):
         self._watch: watch.Watch | None = None
         self._stopping = threading.Event()
         self._renewing: asyncio.Task | None = None
+        self._drift: set[str] = set()   # intercepted Services someone else put back
+        self._last_reverses: tuple[Reverse, ...] = ()
 
     @property
     def namespace(self) -> str:
@@ -127,8 +129,8 @@ class KubernetesSession(ProviderSession):
                     if warning not in self._warned:
                         self._warned.add(warning)
                         log.warning("[local.%s] env: %s", name, warning)
-        return Inventory(tuple(inventory_services), tuple(assign_proxy_ports(reverses)), tuple(env.items()),
-                         frozenset(secret_keys))
+        self._last_reverses = tuple(assign_proxy_ports(reverses))
+        return Inventory(tuple(inventory_services), self._last_reverses, tuple(env.items()), frozenset(secret_keys))
 
     def _service_ports(self, svc, warned: set) -> list[ServicePort]:
         name = svc.metadata.name
@@ -239,10 +241,34 @@ class KubernetesSession(ProviderSession):
             await changed.wait()
             await asyncio.sleep(0.2)  # coalesce a burst of events
             changed.clear()
+            if self.intercepted:
+                await self._mind_drift()
             inventory = await self.inventory()
             if inventory != last:
                 last = inventory
                 yield inventory
+
+    async def _mind_drift(self) -> None:
+        """An intercepted Service put back by someone else is said once per change and, with
+        ``on_drift = "reapply"``, intercepted again (its new selector becomes the original)."""
+        reapply = self.config.cluster.on_drift == "reapply"
+        services = {s.metadata.name: s for s in await self._services()}
+        for name in list(self.intercepted):
+            svc = services.get(name)
+            if svc is None or not ix.drifted(svc, self.session):
+                self._drift.discard(name)
+                continue
+            if name not in self._drift:
+                log.warning("Service %s was changed back by someone else (a GitOps sync or kubectl apply?)%s", name,
+                            "; intercepting it again" if reapply else "; its traffic no longer reaches this laptop "
+                            '(cluster.on_drift = "warn")')
+            self._drift.add(name)
+            if reapply:
+                ports = {r.service_port: r.gateway_port for r in self._last_reverses if r.service == name}
+                await asyncio.to_thread(ix.release, self.conn, name, self.session)
+                await asyncio.to_thread(ix.intercept, self.conn, name, self.session,
+                                        lambda s: ix.lease_alive(self.conn, s), ports)
+                self._drift.discard(name)
 
     # ---- the in-cluster side -------------------------------------------------------
 
