@@ -284,4 +284,5 @@ def test_sigterm_stops_velo_up_while_waiting_for_a_hung_apiserver(procs, tmp_pat
     finally:
         silent.close()
     assert "Traceback" not in proc.log(), proc.log()
+    assert proc.popen.returncode == 0 and "velo: stopping" in proc.log(), proc.log()  # a clean stop, not a kill
     assert took < 5.0
