@@ -112,13 +112,16 @@ class Procs:
         proc = self.start(kind, args, cwd=ROOT)
         return int(wait_for(lambda: ready.exists() and ready.read_text(), 15, f"{kind} server to listen"))
 
-    def gateway(self, *allow: str, port: int = 0, token: str = TOKEN, scheme: str = "ws", extra=()) -> "Gateway":
+    def gateway(self, *allow: str, port: int = 0, token: str = TOKEN, scheme: str = "ws", extra=(),
+                allow_reverse=()) -> "Gateway":
         ready = self.tmp / f"gateway-{len(self.all)}.ready"
         path = "/velo" if scheme in ("ws", "wss") else ""
         args = [sys.executable, "-m", "velo", "gateway", "--listen", f"{scheme}://127.0.0.1:{port}{path}",
                 "--reverse-host", "127.0.0.1", "--ready-file", str(ready), *extra]
         for pattern in allow:
             args += ["--allow", pattern]
+        for reverse_port in allow_reverse:
+            args += ["--allow-reverse", str(reverse_port)]
         proc = self.start("gateway", args, env={"VELO_TOKEN": token})
         url = wait_for(lambda: ready.exists() and ready.read_text().strip(), 15, "gateway to listen")
         return Gateway(proc, url, int(url.rsplit(":", 1)[1].split("/")[0]))
@@ -137,7 +140,8 @@ class Procs:
         and `velo up` forwarding it as service "web" (config in this test's tmp folder)."""
         http = self.server("http", text=text)
         gateway = self.gateway(f"127.0.0.1:{http}")
-        config = write_config(self.tmp / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"})
+        config = write_config(self.tmp / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
+                              free_ports=True)
         return self.up(config), gateway, http
 
     def stop_all(self) -> None:
@@ -170,11 +174,10 @@ class Up:
         )
 
     def env(self) -> dict[str, str]:
-        env = {}
-        for line in (self.config.parent / ".env").read_text().splitlines():
-            key, _, value = line.partition("=")
-            env[key] = value.strip('"')
-        return env
+        """The env file as python-dotenv (a real reader of it) reads it."""
+        from dotenv import dotenv_values
+
+        return dict(dotenv_values(self.config.parent / ".env", interpolate=False))
 
     def port(self, service: str) -> int:
         status = self.status()
@@ -189,18 +192,25 @@ class Up:
 
 def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None = None,
                  local: dict[str, tuple[int, int]] | None = None, backend: str = "websocket",
-                 extra: str = "", token_env: str = "VELO_TEST_TOKEN") -> Path:
-    """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)}."""
+                 extra: str = "", token_env: str = "VELO_TEST_TOKEN", settings: dict | None = None,
+                 free_ports: bool = False, keepalive: tuple[float, float] = (1.0, 3.0)) -> Path:
+    """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)}.
+
+    ``settings`` are more keys of the backend's own table (e.g. ca_file). ``free_ports``
+    pins each remote's local port to a free one instead of velo's stable default, for
+    tests that run while other checkouts run the same test on this machine."""
     lines = [
         '[project]', 'name = "test"', '',
         '[tunnel]', f'token_env = "{token_env}"',
-        'reconnect_max_delay = 0.5', 'keepalive_interval = 1.0', 'keepalive_timeout = 3.0', '',
-        f'[tunnel.{backend}]', f'url = "{gateway_url}"', '',
+        'reconnect_max_delay = 0.5', f'keepalive_interval = {keepalive[0]}', f'keepalive_timeout = {keepalive[1]}', '',
+        f'[tunnel.{backend}]', f'url = "{gateway_url}"',
+        *(f"{key} = {json.dumps(value)}" for key, value in (settings or {}).items()), '',
     ]
     for name, (port, expose) in (local or {}).items():
         lines += [f"[local.{name}]", f"port = {port}", f"expose = {expose}", ""]
     for name, target in (remote or {}).items():
-        lines += [f"[remote.services.{name}]", f'target = "{target}"', ""]
+        lines += [f"[remote.services.{name}]", f'target = "{target}"']
+        lines += [f"local_port = {free_port()}", ""] if free_ports else [""]
     lines.append(extra)
     path.write_text("\n".join(lines))
     return path

@@ -188,8 +188,8 @@ def test_demo_shows_forward_and_reverse_and_leaves_nothing(tmp_path):
 
 def test_run_command_gets_the_env_and_stops_with_velo(procs, tmp_path):
     http = procs.server("http", text="remote")
-    gateway = procs.gateway(f"127.0.0.1:{http}")
     candidate_port, expose = free_port(), free_port()
+    gateway = procs.gateway(f"127.0.0.1:{http}", allow_reverse=[expose])
     config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
                           local={"website": (candidate_port, expose)})
     ready = tmp_path / "candidate.port"

@@ -138,7 +138,8 @@ class EchoServer:
         self._thread.join(10)
 
 
-def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0, token: str = TOKEN):
+def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0, token: str = TOKEN,
+                  allow_reverse: tuple[int, ...] = ()):
     """`velo gateway --listen tcp://...`; returns (process, bound port) once the ready file says so."""
     ready = tmp_path / f"gateway-ready-{len(procs.started)}"
     proc = procs.start(
@@ -146,6 +147,7 @@ def start_gateway(procs: Procs, tmp_path: Path, echo_port: int, *, port: int = 0
         "--listen", f"tcp://127.0.0.1:{port}",
         "--allow", f"127.0.0.1:{echo_port}",
         "--reverse-host", "127.0.0.1",
+        *(arg for p in allow_reverse for arg in ("--allow-reverse", str(p))),
         "--ready-file", str(ready),
         "--log-level", "debug",
         token=token,
@@ -338,8 +340,8 @@ def test_forward_echo_through_tcp_tunnel(plugin_installed, tcp_procs, echo, tmp_
 
 def test_reverse_echo_through_tcp_tunnel(plugin_installed, tcp_procs, echo, tmp_path):
     """Cluster -> laptop: a connection to the gateway's exposed port reaches the local candidate."""
-    _gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port)
     expose = free_port()
+    _gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port, allow_reverse=(expose,))
     config = write_config(tmp_path, backend="tcp", gateway_port=gateway_port, echo_port=echo.port,
                           local_port=free_port(), candidate=(echo.port, expose))
     up = tcp_procs.start("up", "up", "-c", str(config))
@@ -350,35 +352,8 @@ def test_reverse_echo_through_tcp_tunnel(plugin_installed, tcp_procs, echo, tmp_
     assert echo_roundtrip(expose, payload) == payload
 
 
-def test_client_reconnects_after_gateway_restart(plugin_installed, tcp_procs, echo, tmp_path):
-    gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port)
-    config = write_config(tmp_path, backend="tcp", gateway_port=gateway_port, echo_port=echo.port,
-                          local_port=free_port())
-    up = tcp_procs.start("up", "up", "-c", str(config))
-    wait_status(tcp_procs, up, config, lambda s: s["tunnel"]["state"] == "up", 'tunnel state "up"')
-    port = int(read_env_file(tmp_path / ".env")["ECHO_SERVICE_PORT"])
-
-    Procs.stop(gateway)
-    down = wait_status(tcp_procs, up, config,
-                       lambda s: s["tunnel"]["state"] != "up" and "refused" in s["tunnel"]["last_error"].lower(),
-                       "the client to notice the gateway is gone (connection refused)")
-    assert down["tunnel"]["last_error"].startswith(f"tcp://127.0.0.1:{gateway_port}: ")
-
-    start_gateway(tcp_procs, tmp_path, echo.port, port=gateway_port)
-    back = wait_status(tcp_procs, up, config, lambda s: s["tunnel"]["state"] == "up", "the tunnel to come back")
-    assert back["tunnel"]["connects"] == 2
-    assert echo_roundtrip(port, b"after restart") == b"after restart"
 
 
-def test_wrong_token_shows_unauthorized(plugin_installed, tcp_procs, echo, tmp_path):
-    _gateway, gateway_port = start_gateway(tcp_procs, tmp_path, echo.port)
-    config = write_config(tmp_path, backend="tcp", gateway_port=gateway_port, echo_port=echo.port,
-                          local_port=free_port())
-    up = tcp_procs.start("up", "up", "-c", str(config), token="not-the-token")
-    current = wait_status(tcp_procs, up, config, lambda s: s["tunnel"]["state"] == "unauthorized",
-                          'tunnel state "unauthorized"')
-    assert current["tunnel"]["last_error"] == f"tcp://127.0.0.1:{gateway_port}: the gateway rejected the token"
-    assert current["tunnel"]["connects"] == 0
 
 
 def test_unknown_backend_makes_velo_up_exit_2(plugin_installed, tmp_path):
@@ -462,6 +437,41 @@ def test_plugin_setting_reaches_the_backend(plugin_installed, tcp_procs, echo, t
     lines = wait_for(lambda: _keepalive_timers(gateway_port), 10, "the tunnel socket in ss")
     assert len(lines) == 1, lines
     assert ("keepalive" in lines[0]) is keepalive, lines[0]
+
+
+# ---- the preference order: every attempt tries it from the top -------------------------------------------
+
+
+def test_prefer_falls_back_and_returns_to_the_first_choice(plugin_installed, tcp_procs, echo, tmp_path):
+    """prefer = ["tcp", "websocket"]: tcp is down, so websocket carries the session and
+    status says why tcp was skipped; when the tunnel drops and tcp is up, the next attempt
+    uses tcp again (each backend with its own URL)."""
+    tcp_port = free_port()
+    ready = tmp_path / "ws-gateway.ready"
+    ws_gateway = tcp_procs.start("gateway", "gateway", "--listen", "ws://127.0.0.1:0/velo", "--allow",
+                                 f"127.0.0.1:{echo.port}", "--ready-file", str(ready))
+    ws_url = wait_for(lambda: ready.exists() and ready.read_text().strip(), 20, "the ws gateway")
+    config = write_config(tmp_path, backend="tcp", gateway_port=tcp_port, echo_port=echo.port, local_port=free_port())
+    config.write_text(config.read_text().replace('prefer = ["tcp"]', 'prefer = ["tcp", "websocket"]')
+                      + f'\n[tunnel.websocket]\nurl = "{ws_url}"\n')
+    up = tcp_procs.start("up", "up", "-c", str(config))
+    current = wait_status(tcp_procs, up, config, lambda s: s["tunnel"]["state"] == "up", 'tunnel state "up"')
+    tunnel = current["tunnel"]
+    assert tunnel["backend"] == "websocket" and tunnel["url"] == ws_url
+    assert [s["backend"] for s in tunnel["skipped"]] == ["tcp"]
+    assert f"tcp://127.0.0.1:{tcp_port}" in tunnel["skipped"][0]["reason"]
+    port = int(read_env_file(tmp_path / ".env")["ECHO_SERVICE_PORT"])
+    assert echo_roundtrip(port, b"via websocket\n") == b"via websocket\n"
+
+    start_gateway(tcp_procs, tmp_path, echo.port, port=tcp_port)
+    Procs.stop(ws_gateway)  # the tunnel drops; the next attempt starts from the top
+    back = wait_status(tcp_procs, up, config,
+                       lambda s: s["tunnel"]["state"] == "up" and s["tunnel"]["backend"] == "tcp", "tunnel via tcp")
+    assert back["tunnel"]["skipped"] == [] and back["tunnel"]["connects"] == 2
+    assert echo_roundtrip(port, b"via tcp\n") == b"via tcp\n"
+    log = next(path for name, proc, path in tcp_procs.started if proc is up).read_text()
+    assert "tunnel up via websocket" in log and "skipped tcp: tcp://127.0.0.1:" in log, log
+    assert "tunnel back via tcp" in log, log
 
 
 # ---- the wire protocol, against the real processes ---------------------------------------------------

@@ -88,7 +88,8 @@ async def _demo(duration: float | None, console: Console) -> int:
         gateway = subprocess.Popen(
             [sys.executable, "-m", "velo", "gateway", "--listen", f"ws://127.0.0.1:{gateway_port}/velo",
              "--allow", f"127.0.0.1:{catalog_port}", "--allow", f"127.0.0.1:{inventory_port}",
-             "--reverse-host", "127.0.0.1", "--ready-file", str(ready), "--log-level", "warning",
+             "--reverse-host", "127.0.0.1", "--allow-reverse", str(reverse_port),
+             "--ready-file", str(ready), "--log-level", "warning",
              "--token-env", "VELO_DEMO_TOKEN"],
             env={**os.environ, "VELO_DEMO_TOKEN": token},
             stdin=subprocess.DEVNULL,

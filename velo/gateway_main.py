@@ -7,7 +7,7 @@ import logging
 import signal
 from pathlib import Path
 
-from velo.gateway import AllowList, Gateway, parse_listen_url
+from velo.gateway import AllowList, Gateway, Limits, PortAllowList, parse_listen_url
 from velo.plugins import PluginError
 from velo.runtime import run
 
@@ -63,6 +63,27 @@ async def watch_lease(session: str, every: float, stop: asyncio.Event, client_co
             pass
 
 
+SECURE_SCHEMES = ("wss", "https")
+
+
+def tls_contexts(urls: list[str], cert: str | None, key: str | None) -> dict:
+    """One server context per wss:// / https:// listener (each backend sets its own ALPN)."""
+    from velo.cli import UserError
+    from velo.tls import TLSConfigError, server_context
+
+    secure = [url for url in urls if parse_listen_url(url)[0] in SECURE_SCHEMES]
+    if bool(cert) != bool(key):
+        raise UserError("--tls-cert and --tls-key go together")
+    if secure and not cert:
+        raise UserError(f"--listen {secure[0]}: a TLS listener needs --tls-cert and --tls-key")
+    if cert and not secure:
+        raise UserError("--tls-cert given but no --listen is wss:// or https://")
+    try:
+        return {url: server_context(cert, key) for url in secure}
+    except TLSConfigError as exc:
+        raise UserError(str(exc)) from None
+
+
 def serve(args, token: str) -> int:
     from velo.cli import UserError
 
@@ -72,6 +93,12 @@ def serve(args, token: str) -> int:
             parse_listen_url(url)
         except ValueError as exc:
             raise UserError(str(exc)) from None
+    contexts = tls_contexts(urls, args.tls_cert, args.tls_key)
+    try:
+        reverse_policy = PortAllowList(getattr(args, "allow_reverse", None) or [])
+        limits = Limits.parse(getattr(args, "limit", None) or [])
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
     async def main() -> int:
         gateway = Gateway(
@@ -80,11 +107,13 @@ def serve(args, token: str) -> int:
             reverse_host=args.reverse_host,
             keepalive_interval=args.keepalive_interval,
             keepalive_timeout=args.keepalive_timeout,
+            reverse_policy=reverse_policy,
+            limits=limits,
         )
         bound = []
         for url in urls:
             try:
-                server = await gateway.listen(url)
+                server = await gateway.listen(url, ssl_context=contexts.get(url))
             except PluginError as exc:
                 raise UserError(str(exc)) from None
             except OSError as exc:
@@ -92,7 +121,7 @@ def serve(args, token: str) -> int:
             sock = server.sockets[0].getsockname()
             scheme, listen = parse_listen_url(url)
             bound.append(f"{scheme}://{sock[0]}:{sock[1]}{listen.path}")
-        log.info("listening on %s; %d allow rule(s)", ", ".join(bound), len(args.allow))
+        log.info("listening on %s; %d allow rule(s); reverse ports: %s", ", ".join(bound), len(args.allow), reverse_policy)
         if args.ready_file:
             Path(args.ready_file).write_text("\n".join(bound) + "\n")
         stop = asyncio.Event()

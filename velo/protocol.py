@@ -16,7 +16,8 @@ import json
 import struct
 
 _LEN = struct.Struct(">H")
-MAX_MESSAGE = 16 * 1024
+MAX_MESSAGE = 16 * 1024  # control messages (a reverse list can be long)
+MAX_HEADER = 4 * 1024    # a stream's header or reply: a hostile peer gets no more
 
 # Header "op" values.
 OP_CONNECT = "connect"   # client -> gateway: dial host:port (forward proxy)
@@ -40,31 +41,46 @@ def encode(message: dict) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
+def decode(body: bytes) -> dict:
+    """One message body -> dict; any malformed input raises MessageError, nothing else."""
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError) as exc:  # RecursionError: "[[[[..." nested too deep
+        raise MessageError(f"message is not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise MessageError("message is not a JSON object")
+    return message
+
+
 class MessageReader:
-    """Accumulates bytes and yields complete messages; leftover bytes stay in ``rest``."""
+    """Accumulates bytes and yields complete messages; leftover bytes stay in ``rest``.
 
-    __slots__ = ("_buf",)
+    ``limit`` caps one message's length: a length prefix above it is an error at
+    once, so a peer can never make us buffer more than ``limit`` bytes.
+    """
 
-    def __init__(self) -> None:
+    __slots__ = ("_buf", "limit")
+
+    def __init__(self, limit: int = MAX_MESSAGE) -> None:
         self._buf = bytearray()
+        self.limit = limit
+
+    def _size(self) -> int:
+        (size,) = _LEN.unpack_from(self._buf)
+        if size > self.limit:
+            raise MessageError(f"message length {size} exceeds {self.limit}")
+        return size
+
     def feed(self, data: bytes | memoryview) -> list[dict]:
         self._buf += data
         out = []
         while len(self._buf) >= 2:
-            (size,) = _LEN.unpack_from(self._buf)
-            if size > MAX_MESSAGE:
-                raise MessageError(f"message length {size} exceeds {MAX_MESSAGE}")
+            size = self._size()
             if len(self._buf) < 2 + size:
                 break
             body = bytes(self._buf[2 : 2 + size])
             del self._buf[: 2 + size]
-            try:
-                message = json.loads(body)
-            except ValueError as exc:
-                raise MessageError(f"message is not JSON: {exc}") from None
-            if not isinstance(message, dict):
-                raise MessageError("message is not a JSON object")
-            out.append(message)
+            out.append(decode(body))
         return out
 
     def first(self, data: bytes | memoryview) -> tuple[dict | None, bytes]:
@@ -72,13 +88,10 @@ class MessageReader:
         self._buf += data
         if len(self._buf) < 2:
             return None, b""
-        (size,) = _LEN.unpack_from(self._buf)
-        if size > MAX_MESSAGE:
-            raise MessageError(f"message length {size} exceeds {MAX_MESSAGE}")
+        size = self._size()
         if len(self._buf) < 2 + size:
             return None, b""
-        messages = MessageReader()
-        (message,) = messages.feed(self._buf[: 2 + size])
+        message = decode(bytes(self._buf[2 : 2 + size]))
         rest = bytes(self._buf[2 + size :])
         self._buf.clear()
         return message, rest

@@ -28,7 +28,13 @@ class TunnelSink(Protocol):
 
 
 class TunnelPipe(Protocol):
-    """What a backend gives velo: the sending end of one tunnel connection."""
+    """What a backend gives velo: the sending end of one tunnel connection.
+
+    A backend whose protocol multiplexes natively (HTTP/2) may also offer
+    ``new_session(client=..., tuner=...)`` returning an object with
+    ``velo.mux.Session``'s sans-IO API; the tunnel then drives its streams
+    through that instead of running yamux over the pipe (velo/backends/h2.py).
+    """
 
     peer: str
 
@@ -71,6 +77,9 @@ class Endpoint:
     """Extra request headers, e.g. the Kubernetes apiserver's Authorization."""
     label: str = ""
     """What `velo status` shows instead of the URL (e.g. "pod velo-proxy-abc")."""
+    problem: str = ""
+    """Why the provider could not prepare this backend now (no ready pod...): the client
+    counts it as this backend failing, with this reason, and tries the next one."""
 
     @property
     def shown(self) -> str:

@@ -22,9 +22,10 @@ from picows import (
     ws_create_server,
 )
 
-from velo.backends.wsdial import MAX_MESSAGE, dial
+from velo.backends.wsdial import MAX_MESSAGE, USE_AIOFASTNET, dial
 
 from velo.config.tables import BackendTable, url_for
+from velo import tls
 from velo.hookspecs import hookimpl
 from velo.transport import (
     Authenticator,
@@ -32,10 +33,12 @@ from velo.transport import (
     GatewayListen,
     SinkFactory,
     TunnelBackend,
+    TunnelError,
     TunnelSink,
 )
 
 _DATA = (WSMsgType.BINARY, WSMsgType.CONTINUATION)
+WS_MESSAGE = 256 * 1024  # largest WebSocket message velo sends
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -84,7 +87,16 @@ class _WebSocketPipe(WSListener):
 
     # velo -> picows
     def write(self, data: bytes | memoryview) -> None:
-        self.ws.send(WSMsgType.BINARY, data)
+        # picows hands the far end a message only once all of it arrived, so one big message
+        # (a flush can be MBs) delays every frame and acknowledgement inside it by its whole
+        # transmission time; bounded messages keep the far end's view streaming.
+        if len(data) <= WS_MESSAGE:
+            self.ws.send(WSMsgType.BINARY, data)
+            return
+        view = memoryview(data)
+        send = self.ws.send
+        for start in range(0, len(view), WS_MESSAGE):
+            send(WSMsgType.BINARY, view[start : start + WS_MESSAGE])
 
     def pause_reading(self) -> None:
         self.ws.underlying_transport.pause_reading()
@@ -106,6 +118,10 @@ class WebSocketTable(BackendTable):
     """``[tunnel.websocket]``: where the gateway's WebSocket endpoint is (an Ingress, say)."""
 
     url: url_for("ws", "wss")  # type: ignore[valid-type]
+    ca_file: str | None = None
+    """wss://: trust only this CA bundle (PEM) instead of the system's trust store."""
+    server_name: str | None = None
+    """wss://: the name the gateway's certificate must carry, if not the URL's host."""
 
 
 class WebSocketBackend(TunnelBackend):
@@ -115,8 +131,12 @@ class WebSocketBackend(TunnelBackend):
 
     async def connect(self, endpoint: Endpoint, sink_factory: SinkFactory, *, timeout: float):
         headers = {"Authorization": f"Bearer {endpoint.token}", **dict(endpoint.headers)}
+        try:
+            ctx, server_name = tls.for_endpoint(endpoint, secure=endpoint.url.startswith("wss:"))
+        except tls.TLSConfigError as exc:
+            raise TunnelError(str(exc)) from None
         return await dial(endpoint.url, lambda: _WebSocketPipe(sink_factory()), timeout=timeout,
-                          headers=headers, ssl_context=endpoint.ssl_context)
+                          headers=headers, ssl_context=ctx, server_hostname=server_name)
 
     async def serve(self, listen: GatewayListen, authenticate: Authenticator, sink_factory: SinkFactory):
         path = listen.path.encode() or b"/"
@@ -143,6 +163,7 @@ class WebSocketBackend(TunnelBackend):
             ssl=listen.ssl,
             max_frame_size=MAX_MESSAGE,
             logger_name="velo.websocket",
+            use_aiofastnet=USE_AIOFASTNET,
         )
 
 

@@ -13,7 +13,7 @@ import logging
 from velo import protocol
 from velo.engine.client import TunnelClient
 from velo.plan import Forward, Plan, Reverse
-from velo.tunnel import AcceptedBridge, Refused, StreamStats
+from velo.tunnel import LISTEN_BACKLOG, AcceptedBridge, Refused, StreamStats
 
 log = logging.getLogger("velo.mesh")
 
@@ -34,7 +34,8 @@ class ForwardListener:
         spec = self.spec
         try:
             self.server = await asyncio.get_running_loop().create_server(
-                lambda: AcceptedBridge(self), spec.local_host, spec.local_port, reuse_address=True
+                lambda: AcceptedBridge(self), spec.local_host, spec.local_port, reuse_address=True,
+                backlog=LISTEN_BACKLOG,
             )
         except OSError as exc:
             why = "is already in use" if exc.errno == errno.EADDRINUSE else f"cannot be bound ({exc.strerror})"

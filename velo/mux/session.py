@@ -17,6 +17,7 @@ from .events import (
     StreamReset,
     WindowUpdated,
 )
+from .window import WindowTuner
 from .frames import (
     FAST_HEADER,
     FLAG_ACK,
@@ -56,12 +57,14 @@ class SessionClosedError(Exception):
 class _Stream:
     """Per-stream flow-control state; slotted because there may be 64k of them."""
 
-    __slots__ = ("send_window", "recv_window", "pending", "local_closed", "remote_closed")
+    __slots__ = ("send_window", "recv_window", "pending", "local_closed", "remote_closed", "window", "epoch")
 
     def __init__(self, send_window: int, recv_window: int) -> None:
         self.send_window = send_window  # bytes the peer lets us send
         self.recv_window = recv_window  # bytes the peer may still send us
         self.pending = 0  # consumed by the app but not yet credited to the peer
+        self.window = recv_window  # our receive window; only a WindowTuner grows it
+        self.epoch = 0.0  # the tuner's: when this stream last sent credit
         self.local_closed = False
         self.remote_closed = False
 
@@ -85,6 +88,7 @@ class Session:
         max_frame: int = 64 * 1024,
         max_streams: int = 65536,
         max_buffered: int = 64 * 1024 * 1024,
+        tuner: WindowTuner | None = None,
     ) -> None:
         # yamux can only grow a window from the implicit 256 KiB, never shrink it.
         if not INITIAL_WINDOW <= window <= MAX_U32:
@@ -97,10 +101,10 @@ class Session:
             raise ValueError("max_buffered must be positive")
         self.client = client
         self._window = window
-        self._credit_threshold = window // 2
         self._max_frame = max_frame
         self._max_streams = max_streams
         self._max_buffered = max_buffered
+        self._tuner = tuner  # grows receive windows (velo/mux/window.py); None: fixed
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if client else 2
         self._local_parity = 1 if client else 0
@@ -280,10 +284,10 @@ class Session:
                 send_window += length
                 if send_window > MAX_U32:
                     raise ProtocolError("send window overflow")
-            st = streams[sid] = _Stream(send_window, self._window)
+            st = streams[sid] = self._new_stream(send_window)
             events.append(StreamOpened(sid))
             # ACK right away: it tells the peer our (possibly larger) window.
-            self._queue_control(_WU | FLAG_ACK, sid, self._window - INITIAL_WINDOW)
+            self._queue_control(_WU | FLAG_ACK, sid, st.window - INITIAL_WINDOW)
             if not is_data:
                 if flags & FLAG_FIN:
                     self._remote_end(sid, st, events)
@@ -300,7 +304,7 @@ class Session:
             return length if is_data else 0
         else:
             if flags & FLAG_RST:
-                del streams[sid]
+                self._forget(sid)
                 events.append(StreamReset(sid))
                 return length if is_data else 0
             if not is_data:
@@ -337,7 +341,7 @@ class Session:
         st.remote_closed = True
         events.append(StreamEnded(sid))
         if st.local_closed:
-            del self._streams[sid]
+            self._forget(sid)
 
     # ----------------------------------------------------------------- output
 
@@ -354,6 +358,15 @@ class Session:
     def has_data_to_send(self) -> bool:
         return bool(self._out)
 
+    @property
+    def send_buffer_full(self) -> bool:
+        """True when ``send_data`` is refusing data for lack of queue room (not window).
+
+        A caller left holding bytes should retry once it has drained
+        ``data_to_send()``: no event will announce that the room came back.
+        """
+        return self._out_bytes >= self._max_buffered
+
     def _queue_control(self, vtf: int, sid: int, value: int) -> None:
         self._out.append(_pack(vtf, sid, value))
         self._out_bytes += HEADER_SIZE
@@ -368,9 +381,9 @@ class Session:
         if sid > MAX_U32:
             raise SessionClosedError("stream ids exhausted")
         self._next_id = sid + 2
-        self._streams[sid] = _Stream(INITIAL_WINDOW, self._window)
+        st = self._streams[sid] = self._new_stream(INITIAL_WINDOW)
         # The SYN's delta announces any receive window above the default.
-        self._queue_control(_WU | FLAG_SYN, sid, self._window - INITIAL_WINDOW)
+        self._queue_control(_WU | FLAG_SYN, sid, st.window - INITIAL_WINDOW)
         return sid
 
     def send_data(
@@ -379,7 +392,8 @@ class Session:
         """Queue as much of ``data`` as flow control allows; return bytes taken.
 
         Partial acceptance is the backpressure signal: retry the rest after a
-        ``WindowUpdated`` event (or after draining ``data_to_send``).
+        ``WindowUpdated`` event or, when ``send_buffer_full`` says the
+        session-wide queue was the limit, after draining ``data_to_send``.
         """
         st = self._streams.get(stream_id)
         if st is None or st.local_closed:
@@ -418,7 +432,7 @@ class Session:
         if fin:
             st.local_closed = True
             if st.remote_closed:
-                del self._streams[stream_id]
+                self._forget(stream_id)
         return k
 
     def send_window(self, stream_id: int) -> int:
@@ -437,7 +451,7 @@ class Session:
 
     def reset_stream(self, stream_id: int) -> None:
         """Abort both directions; idempotent because resets race with the peer."""
-        if self._streams.pop(stream_id, None) is not None:
+        if self._forget(stream_id) is not None:
             self._queue_control(_WU | FLAG_RST, stream_id, 0)
 
     def acknowledge_received_data(self, stream_id: int, n: int) -> None:
@@ -450,14 +464,33 @@ class Session:
         if st is None or n <= 0:
             return
         pending = st.pending + n
-        if st.recv_window + pending > self._window:
+        window = st.window
+        if st.recv_window + pending > window:
             raise ValueError(f"acknowledged more than was received on stream {stream_id}")
-        if pending >= self._credit_threshold and not st.remote_closed:
-            st.recv_window += pending
+        if pending >= window >> 1 and not st.remote_closed:
+            credit = pending
+            if self._tuner is not None:
+                extra, st.epoch = self._tuner.grow(window, st.epoch)
+                if extra:
+                    st.window = window + extra
+                    credit += extra
+            st.recv_window += credit
             st.pending = 0
-            self._queue_control(_WU, stream_id, pending)
+            self._queue_control(_WU, stream_id, credit)
         else:
             st.pending = pending
+
+    def _new_stream(self, send_window: int) -> _Stream:
+        if self._tuner is None:
+            return _Stream(send_window, self._window)
+        return _Stream(send_window, self._window + self._tuner.start())
+
+    def _forget(self, stream_id: int) -> _Stream | None:
+        """Drop a finished stream; what its window grew by goes back to the tuner."""
+        st = self._streams.pop(stream_id, None)
+        if st is not None and st.window != self._window:
+            self._tuner.release(st.window - self._window)
+        return st
 
     def ping(self, opaque: int | None = None) -> int:
         """Queue a ping; match the returned opaque against ``PongReceived``."""
