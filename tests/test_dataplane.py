@@ -18,10 +18,10 @@ import time
 import psutil
 import pytest
 
-# Large transfers, 500 streams, the stalled reader, restarts, bad tokens and silent peers
-# are checked for every backend in tests/conformance/.
 from tests.helpers import TOKEN, free_port, http_get, status_cli, wait_for, write_config
 
+# Large transfers, 500 streams, the stalled reader, restarts, bad tokens and silent peers
+# are checked for every backend in tests/conformance/.
 MiB = 1 << 20
 KiB = 1 << 10
 

@@ -127,6 +127,7 @@ class TunnelClient:
             return False
 
     async def _run(self) -> None:
+        self.state = "connecting"
         while not self._stopping:
             tunnel = await self._connect_once()
             if tunnel is not None:
@@ -142,7 +143,11 @@ class TunnelClient:
     async def _connect_once(self) -> Tunnel | None:
         """One pass over the preference order; the first backend that connects wins."""
         try:
-            endpoints = await self._endpoints()
+            async with asyncio.timeout(self.connect_timeout):  # a hung apiserver is a failed attempt
+                endpoints = await self._endpoints()
+        except TimeoutError:
+            self._not_connected(f"finding the gateway: no answer within {self.connect_timeout:g}s", [], auth=False)
+            return None
         except Exception as exc:  # a provider problem is shown, then retried
             self._not_connected(f"finding the gateway: {exc}", [], auth=False)
             return None
@@ -170,6 +175,8 @@ class TunnelClient:
         Whatever goes wrong, nothing is left open; a cancellation stays a cancellation,
         even when a backend wrapped it in another exception.
         """
+        if endpoint.problem:
+            raise TunnelError(endpoint.problem)
         backend = get_backend(endpoint.backend)
         tunnel = Tunnel(
             client=True,
