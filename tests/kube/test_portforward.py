@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import free_port, http_get, wait_for
 from tests.kube.ingress import request_via_service
-from tests.kube.test_provider import _service, shop  # noqa: F401 - the module's application fixture
+from tests.kube.shop import service as _service
 from velo.providers.kubernetes import intercept as ix
 
 pytestmark = pytest.mark.cluster
