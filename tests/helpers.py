@@ -174,11 +174,10 @@ class Up:
         )
 
     def env(self) -> dict[str, str]:
-        env = {}
-        for line in (self.config.parent / ".env").read_text().splitlines():
-            key, _, value = line.partition("=")
-            env[key] = value.strip('"')
-        return env
+        """The env file as python-dotenv (a real reader of it) reads it."""
+        from dotenv import dotenv_values
+
+        return dict(dotenv_values(self.config.parent / ".env", interpolate=False))
 
     def port(self, service: str) -> int:
         status = self.status()

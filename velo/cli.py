@@ -47,22 +47,115 @@ def cmd_up(args) -> int:
 
     config = _config(args)
     _log_level(args)
+    only = [name for item in args.only or [] for name in item.split(",") if name]
+    unknown = [name for name in only if name not in config.local]
+    if unknown:
+        raise UserError(f"--only {', '.join(unknown)}: no such [local.<name>] in {config.source_path.name} "
+                        f"(candidates: {', '.join(config.local) or 'none'})")
+
+    compose = _compose_up(config) if args.compose else None
 
     async def main() -> int:
-        up = Up(config, say=lambda line: print(line, flush=True))
+        up = Up(config, say=lambda line: print(line, flush=True), run_candidates=not args.no_run,
+                only=only or None, colour=sys.stdout.isatty() and not os.environ.get("NO_COLOR"),
+                listen_host=compose and compose.listen_host)
         up.handle_signals()  # before start: a stop while waiting for the cluster is a stop too
         try:
             if await up.start_unless_stopped():
+                if compose is not None:
+                    await compose.start(up, lambda line: print(line, flush=True))
                 await up.run_until_stopped()
         except StartupError as exc:
             raise UserError(str(exc)) from None
         finally:  # also when start fails half-way or a stop lands during it
             if up.stopping.is_set():
                 print("velo: stopping", flush=True)
+            if compose is not None:
+                await compose.stop()
             await up.stop()
         return 1 if up.fatal else 0
 
     return run(main())
+
+
+def cmd_run(args) -> int:
+    """`velo run -- CMD`: CMD gets the environment of the running `velo up`, then replaces velo."""
+    config = _config(args)
+    command = args.command_line[1:] if args.command_line[:1] == ["--"] else args.command_line
+    if not command:
+        raise UserError("velo run needs a command: velo run -- CMD [ARGS...]")
+    env, _secret_keys = _session_env(config)
+    if env is None:
+        raise UserError(f"no `velo up` is running for {config.root}; start it first")
+    sys.stdout.flush()
+    try:
+        os.execvpe(command[0], command, {**os.environ, **env})
+    except OSError as exc:
+        raise UserError(f"cannot run {command[0]!r}: {exc.strerror}") from None
+
+
+class _ComposeUp:
+    """`velo up --compose`: forwards on the docker bridge, the override, `docker compose up`."""
+
+    def __init__(self, config, listen_host: str):
+        self.config = config
+        self.listen_host = listen_host
+        self.run = None
+
+    async def start(self, up, say) -> None:
+        from velo.integrations import compose
+
+        try:
+            path, lines = compose.write(self.config, up.mesh.plan)
+        except compose.ComposeError as exc:
+            raise UserError(str(exc)) from None
+        for line in lines:
+            say(line)
+        say(f"velo: wrote {path.name}; forwards listen on {self.listen_host} (the docker bridge), "
+            f"where containers reach them as {compose.HOST_ALIAS}")
+
+        def exited(code: int) -> None:
+            if not up.stopping.is_set():
+                say(f"velo: docker compose up exited with code {code}; stopping")
+                up.fatal = up.fatal or (f"docker compose up exited with code {code}" if code else "")
+                up.stopping.set()
+
+        self.run = compose.ComposeRun(self.config, say)
+        await self.run.start(exited)
+
+    async def stop(self) -> None:
+        if self.run is not None:
+            await self.run.stop()
+
+
+def _compose_up(config) -> _ComposeUp:
+    from velo.integrations import compose
+
+    try:
+        compose.project_files(config)  # fail before anything starts
+        listen = config.remote.listen
+        if listen in ("127.0.0.1", "localhost", "::1"):
+            listen = compose.bridge_gateway()
+    except compose.ComposeError as exc:
+        raise UserError(str(exc)) from None
+    return _ComposeUp(config, listen)
+
+
+def cmd_compose(args) -> int:
+    from velo.integrations import compose
+
+    config = _config(args)
+    try:
+        path, lines = compose.write(config, _plan(config))
+    except compose.ComposeError as exc:
+        raise UserError(str(exc)) from None
+    print(f"velo: wrote {path}")
+    for line in lines:
+        print(line)
+    files = " ".join(f"-f {p.name}" for p in compose.project_files(config))
+    print(f"velo: run `velo up --compose`, or `velo up` with remote.listen on an address containers reach "
+          f"and `docker compose {files} -f {path.name} up`")
+    return 0
 
 
 def cmd_down(args) -> int:
@@ -132,11 +225,22 @@ def cmd_status(args) -> int:
         return 1
     if args.json:
         print(json.dumps({"running": True, **status}, indent=2))
+    elif args.ready:  # a probe's output lands in the orchestrator's log: one line
+        print(f"velo: {_not_ready(status) or 'ready'}")
     else:
         from rich.console import Console
 
         Console().print(status_table(status))
-    return 0
+    return 1 if args.ready and _not_ready(status) else 0
+
+
+def _not_ready(status: dict) -> str:
+    """Why the session is not ready ("" when the tunnel is up and every reverse route listens)."""
+    tunnel = status["tunnel"]
+    if tunnel["state"] != "up":
+        return f"not ready: tunnel {tunnel['state']}" + (f" ({tunnel['last_error']})" if tunnel.get("last_error") else "")
+    waiting = [f"{r['name']} ({r['state']})" for r in status["reverses"] if r["state"] != "listening"]
+    return f"not ready: reverse {', '.join(waiting)}" if waiting else ""
 
 
 def _plan(config):
@@ -177,10 +281,29 @@ def cmd_env(args) -> int:
     from velo.engine.envfile import render
 
     config = _config(args)
-    plan = _plan(config)
-    sys.stdout.write(render(plan.env, args.format or config.env.format,
-                            secret_keys=plan.secret_keys, reveal=args.reveal))
+    env, secret_keys = _session_env(config)
+    if env is None:  # no session running: the plan, as `velo up` would make it
+        plan = _plan(config)
+        env, secret_keys = plan.env, plan.secret_keys
+    fmt = "sh" if args.export else (args.format or config.env.format)
+    rendered = render(env, fmt, secret_keys=secret_keys, reveal=args.reveal or args.export)
+    for warning in rendered.warnings:
+        print(f"velo: {warning}", file=sys.stderr)
+    sys.stdout.write(rendered.text)
     return 0
+
+
+def _session_env(config):
+    """The env of the `velo up` running for this project (fast: no cluster), or (None, ())."""
+    from velo.engine.control import request, socket_path
+
+    try:
+        reply = request(socket_path(config.root), "env", timeout=2)
+    except (ConnectionError, OSError, ValueError):
+        return None, frozenset()
+    if "env" not in reply:
+        return None, frozenset()
+    return reply["env"], frozenset(reply.get("secret_keys", ()))
 
 
 def cmd_gateway(args) -> int:
@@ -258,6 +381,25 @@ def build_parser() -> argparse.ArgumentParser:
             "watch the file and apply only what changed. Runs until Ctrl-C, SIGTERM or `velo down`.")
     config_arg(p)
     log_arg(p)
+    p.add_argument("--no-run", action="store_true",
+                   help="bring up only the mesh and the env file; start no candidate (for Tilt, Compose, ...)")
+    p.add_argument("--only", action="append", metavar="NAME[,NAME]",
+                   help="run only these candidates ([local.<name>]; repeatable)")
+    p.add_argument("--compose", action="store_true",
+                   help="also run `docker compose up` with velo's override (see `velo compose`); "
+                   "forwards then listen on the docker bridge")
+
+    p = add("run", cmd_run, "run a one-off command with the environment of the running `velo up`",
+            "Run CMD (a test suite, a migration, a REPL) with the environment velo gives the candidates, "
+            "taken from the running `velo up` of this project: velo run -- CMD [ARGS...]")
+    config_arg(p)
+    p.add_argument("command_line", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]")
+
+    p = add("compose", cmd_compose, "write a Docker Compose override giving containerized candidates velo's env",
+            "Write compose.override (default docker-compose.velo.yml): for each candidate that is a Compose "
+            "service, velo's env with forwards at host.docker.internal, extra_hosts host-gateway, and the "
+            "candidate's port published on this machine for the reverse path.")
+    config_arg(p)
 
     p = add("down", cmd_down, "stop the `velo up` running for this project and undo its changes",
             "Stop the running `velo up` of this project (it restores what it changed), then repair "
@@ -273,12 +415,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("status", cmd_status, "show the tunnel, listeners and traffic of the running `velo up`")
     config_arg(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--ready", action="store_true",
+                   help="a readiness probe: one line, exit 1 unless the tunnel is up and every reverse route listens")
 
     p = add("env", cmd_env, "print the environment velo gives the local candidate",
             "Print the environment variables of the plan (service addresses, candidate configuration, "
             "overrides). Secrets are masked unless --reveal is given.")
     config_arg(p)
-    p.add_argument("--format", choices=["dotenv", "shell", "json"], help="output format (default: env.format)")
+    from velo.engine.envfile import FORMATS
+
+    p.add_argument("--format", choices=[*FORMATS, "shell"], metavar="FORMAT",
+                   help="output format, named for its reader (default: env.format): "
+                   + "; ".join(f"{f.name}: {f.readers}" for f in FORMATS.values()))
+    p.add_argument("--export", action="store_true",
+                   help='POSIX shell exports with the real values, for eval "$(velo env --export)"')
     p.add_argument("--reveal", action="store_true", help="show secret values instead of masking them")
 
     config = add("config", None, "work with velocity.toml")
@@ -319,6 +469,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "gateway restores the session's Services and removes its objects")
     p.add_argument("--lease-check", type=float, default=2.0, metavar="SECONDS",
                    help="how often to check the session's Lease (default: 2)")
+    p.add_argument("--version", action="version", version=f"velo {__version__}",
+                   help="print the version (the traffic-proxy image must match the client)")
     log_arg(p)
 
     p = add("demo", cmd_demo, "see velo work on this machine: no cluster, no config needed",

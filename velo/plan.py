@@ -114,9 +114,16 @@ def selected(name: str, include: list[str], exclude: list[str]) -> bool:
     )
 
 
-def build_plan(config, inventory: Inventory) -> Plan:
-    """Turn config + inventory into listeners, reverse routes and env."""
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def build_plan(config, inventory: Inventory, *, listen_host: str | None = None) -> Plan:
+    """Turn config + inventory into listeners, reverse routes and env.
+
+    ``listen_host`` overrides ``remote.listen`` (``velo up --compose`` binds the docker bridge).
+    """
     remote = config.remote
+    host = listen_host or remote.listen
     overrides = remote.services
     candidates = set(config.local)
     chosen = [
@@ -141,7 +148,7 @@ def build_plan(config, inventory: Inventory) -> Plan:
             key = port_key(service.name, "" if single else port.name or str(port.port))
             local_port = fixed.get(key) or fixed.get(port_key(service.name, port.name)) or stable_port(key, taken, config.project.name)
             taken.add(local_port)
-            forwards.append(Forward(service.name, port.name, port.port, LOCAL_HOST, local_port,
+            forwards.append(Forward(service.name, port.name, port.port, host, local_port,
                                     port.target_host, port.target_port, single))
     env = dict(inventory.env)
     env.update(service_env(forwards))
@@ -162,16 +169,22 @@ def service_env(forwards: list[Forward]) -> dict[str, str]:
     for service, ports in by_service.items():
         prefix = env_name(service)
         first = ports[0]
-        env[f"{prefix}_SERVICE_HOST"] = first.local_host
+        host = connect_host(first.local_host)
+        env[f"{prefix}_SERVICE_HOST"] = host
         env[f"{prefix}_SERVICE_PORT"] = str(first.local_port)
-        env[f"{prefix}_PORT"] = f"tcp://{first.local_host}:{first.local_port}"
-        env[f"{prefix}_URL"] = f"http://{first.local_host}:{first.local_port}"
+        env[f"{prefix}_PORT"] = f"tcp://{host}:{first.local_port}"
+        env[f"{prefix}_URL"] = f"http://{host}:{first.local_port}"
         for forward in ports:
             if forward.port_name and not forward.port_name.isdigit():
                 env[f"{prefix}_SERVICE_PORT_{env_name(forward.port_name)}"] = str(forward.local_port)
             link = f"{prefix}_PORT_{forward.service_port}_TCP"
-            env[link] = f"tcp://{forward.local_host}:{forward.local_port}"
+            env[link] = f"tcp://{host}:{forward.local_port}"
             env[f"{link}_PROTO"] = "tcp"
             env[f"{link}_PORT"] = str(forward.local_port)
-            env[f"{link}_ADDR"] = forward.local_host
+            env[f"{link}_ADDR"] = host
     return env
+
+
+def connect_host(listen_host: str) -> str:
+    """Where a client on this machine connects to a listener bound to ``listen_host``."""
+    return LOCAL_HOST if listen_host in WILDCARD_HOSTS else listen_host

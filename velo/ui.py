@@ -50,6 +50,23 @@ def status_table(status: dict) -> Group:
                       str(rev.get("total", 0)), _bytes(rev.get("bytes_up", 0)), _bytes(rev.get("bytes_down", 0)),
                       r["state"] if r["state"] != "listening" else str(rev.get("errors", 0)))
     parts.append(table)
+    if status.get("candidates"):
+        parts.append(candidates_table(status["candidates"]))
     if status.get("last_reload_error"):
         parts.append(Text(status["last_reload_error"], style="red"))
     return Group(*parts)
+
+
+def candidates_table(candidates: list[dict]) -> Table:
+    """The local processes velo runs: state, pid, restarts, last exit code, uptime."""
+    table = Table(expand=False, box=None, header_style="bold")
+    for column in ("", "name", "state", "pid", "restarts", "last exit", "up"):
+        table.add_column(column, no_wrap=True)
+    colours = {"running": "green", "starting": "yellow", "restarting": "yellow", "crashed": "red"}
+    for c in candidates:
+        state = c["state"] + (" (not watching: " + c["watch_error"] + ")" if c.get("watch_error") else "")
+        table.add_row("run", c["name"], Text(state, style=colours.get(c["state"], "")),
+                      str(c["pid"] or "-"), str(c["restarts"]),
+                      "-" if c["last_exit"] is None else str(c["last_exit"]),
+                      "-" if c["uptime"] is None else f"{c['uptime']:.0f}s")
+    return table

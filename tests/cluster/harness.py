@@ -482,12 +482,16 @@ class Cluster:
             return False
 
     # ---- start ------------------------------------------------------------------------------
-    def start(self, timeout: float = 180, owner_pid: int | None = None, netns: bool | None = None) -> "Cluster":
+    def start(self, timeout: float = 180, owner_pid: int | None = None, netns: bool | None = None,
+              apiserver_args: Iterable[str] = (), fake_node: bool = True) -> "Cluster":
         """Start every component and wait for real readiness. On failure everything is stopped.
 
         owner_pid: if set, a detached watchdog stops the cluster when that process disappears
         (e.g. pytest killed with SIGKILL). netns: None = use a network namespace when possible.
+        apiserver_args: extra kube-apiserver flags. fake_node=False: no kwok node and no pod runner
+        (tests/cluster/node.py adds a real kubelet to such a cluster).
         """
+        self._apiserver_args, self._fake_node = list(apiserver_args), fake_node
         if not binaries_ready(self.bin_dir):
             raise ClusterError(f"binaries missing in {self.bin_dir}; run tests/cluster/build.sh")
         if self.info_path.exists() and any(self._alive(n) for n in STOP_ORDER):
@@ -569,6 +573,7 @@ class Cluster:
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
             # kwok's node has a Hostname address that does not resolve: reach its "kubelet" by IP
             "--kubelet-preferred-address-types=InternalIP",
+            *getattr(self, "_apiserver_args", ()),
         ])
         self._wait("kube-apiserver", lambda: self._https_ok(f"{server}/readyz"), timeout,
                    "kube-apiserver /readyz", deps=["etcd"])
@@ -587,6 +592,10 @@ class Cluster:
             str(b / "kube-scheduler"), f"--kubeconfig={self.kubeconfig}", "--leader-elect=false",
             "--bind-address=127.0.0.1", f"--secure-port={sched_port}",
             "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics"])
+        if not getattr(self, "_fake_node", True):
+            self._wait_control_plane(timeout, kcm_port, sched_port)
+            self._start_watchdog(owner_pid)
+            return
         kwok_home = self.state_dir / "kwok-home"  # keep ~/.kwok/kwok.yaml out of the picture
         kwok_home.mkdir(exist_ok=True)
         self._spawn("kwok", [
@@ -607,15 +616,7 @@ class Cluster:
             raise ClusterError(f"creating node {NODE_NAME}: HTTP {st}: {body}")
 
         # 6. real readiness
-        self._wait("kube-controller-manager",
-                   lambda: self._https_ok(f"https://127.0.0.1:{kcm_port}/healthz", client_cert=False),
-                   timeout, "kube-controller-manager /healthz")
-        self._wait("kube-controller-manager",
-                   lambda: self.rest("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
-                   timeout, "ServiceAccount default/default (created by kube-controller-manager)")
-        self._wait("kube-scheduler",
-                   lambda: self._https_ok(f"https://127.0.0.1:{sched_port}/readyz", client_cert=False),
-                   timeout, "kube-scheduler /readyz")
+        self._wait_control_plane(timeout, kcm_port, sched_port)
 
         def node_ready() -> bool:
             st, n = self.rest("GET", f"/api/v1/nodes/{NODE_NAME}")
@@ -629,8 +630,21 @@ class Cluster:
         self._spawn("podrunner", [sys.executable, "-m", "tests.cluster.podrunner", str(self.state_dir)],
                     cwd=str(REPO_ROOT), env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1"})
         self._wait("podrunner", ready_file.exists, 60, "pod runner ready (watches established)")
+        self._start_watchdog(owner_pid)
 
-        # 8. optional watchdog: stop the cluster if the owner (pytest) dies without cleaning up
+    def _wait_control_plane(self, timeout: float, kcm_port: int, sched_port: int) -> None:
+        self._wait("kube-controller-manager",
+                   lambda: self._https_ok(f"https://127.0.0.1:{kcm_port}/healthz", client_cert=False),
+                   timeout, "kube-controller-manager /healthz")
+        self._wait("kube-controller-manager",
+                   lambda: self.rest("GET", "/api/v1/namespaces/default/serviceaccounts/default")[0] == 200,
+                   timeout, "ServiceAccount default/default (created by kube-controller-manager)")
+        self._wait("kube-scheduler",
+                   lambda: self._https_ok(f"https://127.0.0.1:{sched_port}/readyz", client_cert=False),
+                   timeout, "kube-scheduler /readyz")
+
+    def _start_watchdog(self, owner_pid: int | None) -> None:
+        """Optional watchdog: stop the cluster if the owner (pytest) dies without cleaning up."""
         if owner_pid:
             self._spawn("watchdog", [sys.executable, "-m", "tests.cluster.harness", "_watchdog",
                                      str(self.state_dir), str(owner_pid)],
@@ -660,6 +674,9 @@ class Cluster:
     def stop(self, quiet: bool = False) -> None:
         """Kill every component (process group) and every pod/service process; remove the netns."""
         me = os.getpid()
+        if (self.state_dir / "node" / "node.json").exists():  # a real node (tests/cluster/node.py)
+            from tests.cluster.node import teardown_node
+            teardown_node(self.state_dir / "node")
         for name in STOP_ORDER:
             rec = read_pidfile(self.pids / f"{name}.pid")
             if rec and rec[0] != me:

@@ -127,7 +127,7 @@ LIST = [1, 2]
         'got "pod/website"',
         'velocity.toml: remote.services.db.target: expected "host:port" (or "[ipv6]:port") with a port 1-65535, '
         'got "db"',
-        'velocity.toml: env.format: expected one of "dotenv", "shell", "json", got "yaml"',
+        'velocity.toml: env.format: expected one of "dotenv", "compose", "docker", "sh", "fish", "powershell", "json", "shell", got "yaml"',
         "velocity.toml: env.vars.LIST: expected a string, number or boolean, got [1, 2]",
     ]
 
@@ -177,10 +177,11 @@ def test_unknown_key_of_the_provider_is_checked_by_its_model() -> None:
     text = '[project]\nname = "shop"\n[cluster]\nprovider = "kubernetes"\nnamepsace = "shop"\n'
     assert errors(text) == ['velocity.toml: cluster.namepsace: unknown key; did you mean "namespace"?']
     text = '[project]\nname = "shop"\n[cluster]\nprovider = "kubernetes"\nzzz = 1\n'
-    assert errors(text) == [
-        "velocity.toml: cluster.zzz: unknown key; allowed keys: provider, context, namespace, lease_seconds, "
-        "proxy_image, ready_timeout, proxy_cpu_request, proxy_memory_request, proxy_cpu_limit, proxy_memory_limit"
-    ]
+    from velo.providers.kubernetes.settings import KubernetesTable  # keys the provider adds show up here
+
+    allowed = ", ".join(["provider", *KubernetesTable.model_fields])
+    assert allowed.startswith("provider, context, namespace, lease_seconds")
+    assert errors(text) == [f"velocity.toml: cluster.zzz: unknown key; allowed keys: {allowed}"]
 
 
 def test_provider_keys_get_the_same_value_messages() -> None:
@@ -237,7 +238,7 @@ def test_unknown_key_inside_remote_service_table() -> None:
 
 def test_unknown_key_without_a_close_match_lists_allowed_keys() -> None:
     assert errors(HEAD + "[remote]\nzzz = 1\n") == [
-        "velocity.toml: remote.zzz: unknown key; allowed keys: include, exclude, services"
+        "velocity.toml: remote.zzz: unknown key; allowed keys: include, exclude, services, listen"
     ]
     assert errors(HEAD + "[env]\nwhatever = 1\n") == [
         "velocity.toml: env.whatever: unknown key; allowed keys: file, format, vars"

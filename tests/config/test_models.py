@@ -195,7 +195,9 @@ def test_example_file_mentions_every_key() -> None:
     models = [VelocityConfig, ClusterConfig, TunnelConfig, LocalService, RemoteService, EnvConfig]
     from velo.config import ProjectConfig, RemoteConfig, installed_tables
 
-    models += [ProjectConfig, RemoteConfig]
+    from velo.config.models import ComposeConfig
+
+    models += [ProjectConfig, RemoteConfig, ComposeConfig]
     # the built-in plugins' tables are documented there too (not third-party ones)
     models += [model for key, model in installed_tables().items() if model.__module__.startswith("velo.")]
     missing = [

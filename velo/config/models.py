@@ -33,6 +33,7 @@ __all__ = [
     "RemoteService",
     "RemoteConfig",
     "EnvConfig",
+    "ComposeConfig",
     "VelocityConfig",
     "DEFAULT_PROVIDER",
 ]
@@ -202,8 +203,11 @@ def _str_list(value: object) -> object:
     return value
 
 
+ENV_FORMATS = ("dotenv", "compose", "docker", "sh", "fish", "powershell", "json", "shell")  # shell = sh
+
+
 def _env_format(value: object) -> str:
-    choices = ("dotenv", "shell", "json")
+    choices = ENV_FORMATS
     if value not in choices:
         raise _fail(f"expected one of {', '.join(show_value(c) for c in choices)}, got {show_value(value)}")
     return value  # type: ignore[return-value]
@@ -361,6 +365,18 @@ class TunnelConfig(_Model):
         return self
 
 
+def _command(value: object) -> object:
+    """``run``: a command line (for /bin/sh -c) or an argv list of non-empty strings."""
+    if isinstance(value, str):
+        return _nonempty(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) and v for v in value):
+        return value
+    raise _fail(f'expected a command line or a non-empty array of strings like ["npm", "run", "dev"], got {show_value(value)}')
+
+
+Command = Annotated[str | list[str], BeforeValidator(_command)]
+
+
 class LocalService(_Model):
     """``[local.<service>]``: one development candidate running on the laptop."""
 
@@ -369,8 +385,10 @@ class LocalService(_Model):
     host: Host = "127.0.0.1"
     expose: Expose | None = None
     workload: Workload | None = None
-    run: NonEmpty | None = None
-    watch: NameList = Field(default_factory=list)
+    run: Command | None = None  # a shell command line, or an argv list run as is
+    cwd: Text | None = None  # where run starts, relative to velocity.toml's folder
+    watch: NameList = Field(default_factory=list)  # globs, relative to cwd: a change restarts run
+    ignore: NameList = Field(default_factory=list)  # globs added to .git, node_modules, ...
 
     @model_validator(mode="after")
     def _check(self) -> LocalService:
@@ -446,14 +464,26 @@ class RemoteConfig(_Model):
     include: NameList = Field(default_factory=lambda: ["*"])
     exclude: NameList = Field(default_factory=list)
     services: dict[DnsName, RemoteService] = Field(default_factory=dict)
+    # Address the forward listeners bind to. Loopback by default; "0.0.0.0" opens them to
+    # the network (velo up says so). `velo up --compose` binds the docker bridge instead.
+    listen: Host = "127.0.0.1"
 
 
 class EnvConfig(_Model):
     """``[env]``: where velo writes the environment for the candidates, and overrides."""
 
     file: Text = ".env"
-    format: Annotated[Literal["dotenv", "shell", "json"], BeforeValidator(_env_format)] = "dotenv"
+    format: Annotated[str, BeforeValidator(_env_format)] = "dotenv"  # named for its reader: velo/engine/envfile.py
     vars: dict[EnvName, EnvValue] = Field(default_factory=dict)
+
+
+class ComposeConfig(_Model):
+    """``[compose]``: containerized candidates run by Docker Compose (`velo compose`)."""
+
+    files: NameList = Field(default_factory=list)   # default: Compose's own lookup
+    override: NonEmpty = "docker-compose.velo.yml"
+    # candidate name = Compose service name, where they differ
+    services: dict[DnsName, NonEmpty] = Field(default_factory=dict)
 
 
 class VelocityConfig(_Model):
@@ -469,6 +499,7 @@ class VelocityConfig(_Model):
     local: dict[DnsName, LocalService] = Field(default_factory=dict)
     remote: RemoteConfig = Field(default_factory=RemoteConfig)
     env: EnvConfig = Field(default_factory=EnvConfig)
+    compose: ComposeConfig = Field(default_factory=ComposeConfig)
 
     _source_path: Path | None = PrivateAttr(default=None)
 
@@ -484,6 +515,10 @@ class VelocityConfig(_Model):
                         "it cannot also be a remote service",
                     )
                 )
+        for name in self.compose.services:
+            if name not in self.local:
+                problems.append((("compose", "services", name),
+                                 f"{show_value(name)} is not a development candidate (add [local.{name}])"))
         # Two forward proxies on one local port would only fail later at bind time; say
         # so here, at the key to change. (A provider's own rules, such as the static
         # provider's gateway ports, come from its table's ``check``.)

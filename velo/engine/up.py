@@ -20,15 +20,18 @@ from typing import Callable
 
 from velo.config import ConfigError, VelocityConfig, load_config
 from velo.engine import envfile
-from velo.engine.candidates import Candidate
+from velo.engine.candidates import Candidate, make_candidates
 from velo.engine.client import TunnelClient
 from velo.engine.control import ControlServer, socket_path
 from velo.engine.mesh import Mesh
-from velo.plan import Inventory, Plan, build_plan, describe, describe_forward
+from velo.plan import WILDCARD_HOSTS, Inventory, Plan, build_plan, describe, describe_forward
 from velo.plugins import PluginError, get_backend, get_provider
 from velo.provider import ProviderError, ProviderSession
 
 log = logging.getLogger("velo.up")
+
+
+CANDIDATE_WAIT = 15.0  # how long a reverse stream waits for a restarting candidate
 
 
 class StartupError(Exception):
@@ -36,9 +39,15 @@ class StartupError(Exception):
 
 
 class Up:
-    def __init__(self, config: VelocityConfig, *, say: Callable[[str], None] = print):
+    def __init__(self, config: VelocityConfig, *, say: Callable[[str], None] = print,
+                 run_candidates: bool = True, only: list[str] | None = None, colour: bool = False,
+                 listen_host: str | None = None):
         self.config = config
+        self.run_candidates = run_candidates  # False: `velo up --no-run`, an orchestrator runs them
+        self.only = only
+        self.colour = colour
         self.say = say
+        self.listen_host = listen_host  # overrides remote.listen (velo up --compose)
         self.session_id = secrets.token_hex(6)
         self.provider: ProviderSession | None = None
         self.inventory = Inventory()
@@ -54,6 +63,7 @@ class Up:
         self._tasks: list[asyncio.Task] = []
         self._must_run: set[asyncio.Task] = set()
         self.candidates: list[Candidate] = []
+        self._env_warned: set[str] = set()
 
     # ---- lifecycle --------------------------------------------------------------
 
@@ -76,13 +86,15 @@ class Up:
         )
         self.mesh = Mesh(self.client)
         self.control = ControlServer(
-            socket_path(config.root), {"status": lambda _r: self.status(), "shutdown": self._shutdown_request}
+            socket_path(config.root), {"status": lambda _r: self.status(), "shutdown": self._shutdown_request,
+                                       "env": lambda _r: {"env": self.mesh.plan.env,
+                                                          "secret_keys": sorted(self.mesh.plan.secret_keys)}}
         )
         try:
             await self.control.start()
         except RuntimeError as exc:
             raise StartupError(str(exc)) from None
-        plan = build_plan(config, self.inventory)
+        plan = build_plan(config, self.inventory, listen_host=self.listen_host)
         problems = await self.mesh.apply(plan)
         if problems:
             raise StartupError("\n".join(problems))
@@ -91,11 +103,14 @@ class Up:
         tunnel_task.add_done_callback(self._task_done)
         await self.provider.start(self.say, self._path_ready)
         self._write_env(plan)
-        for name, local in config.local.items():
-            if local.run:
-                candidate = Candidate(name, local.run, config.root, self.say)
-                self.candidates.append(candidate)
-                await candidate.start(plan.env)
+        if self.run_candidates:
+            self.candidates = make_candidates(config, self.say, only=self.only, colour=self.colour)
+            for candidate in self.candidates:
+                if not candidate.cwd.is_dir():
+                    raise StartupError(f"{config.source_path.name}: local.{candidate.name}.cwd: "
+                                       f"folder {candidate.cwd} does not exist")
+            for candidate in self.candidates:  # the listeners are bound: the env is true now
+                candidate.start(plan.env)
         for coro, name in ((self._watch_config(), "watching velocity.toml"), (self._watch_provider(), "watching the provider"),
                            (self.provider.keepalive(), "keeping the session alive")):
             task = asyncio.create_task(coro, name=name)
@@ -126,7 +141,12 @@ class Up:
             await asyncio.sleep(0.1)
 
     async def _resolve_reverse(self, header: dict):
-        return await self.mesh.resolve_reverse(header)
+        host, port = await self.mesh.resolve_reverse(header)
+        name = str(header.get("name", "")).split("/")[0]
+        for candidate in self.candidates:  # mid-restart: wait for the new process (bounded)
+            if candidate.name == name:
+                await candidate.wait_ready(host, port, timeout=CANDIDATE_WAIT)
+        return host, port
 
     def handle_signals(self) -> None:
         """SIGINT/SIGTERM ask for a clean stop in every state, start-up included; a second
@@ -169,8 +189,7 @@ class Up:
         await self.stopping.wait()
 
     async def stop(self) -> None:
-        for candidate in self.candidates:
-            await candidate.stop()
+        await asyncio.gather(*(c.stop() for c in self.candidates))  # their grace periods overlap
         for task in self._tasks:
             task.cancel()
         if self._tasks:  # bounded: a task that swallows its cancellation must not hold up the stop
@@ -215,12 +234,14 @@ class Up:
     # ---- reconciling ------------------------------------------------------------
 
     async def _apply(self, reason: str) -> None:
-        plan = build_plan(self.config, self.inventory)
+        plan = build_plan(self.config, self.inventory, listen_host=self.listen_host)
         before = self.mesh.plan
         problems = await self.mesh.apply(plan)
         for problem in problems:
             self.say(f"velo: {problem}")
         self._write_env(plan)
+        for candidate in self.candidates:
+            candidate.set_env(plan.env)
         added = {f.key for f in plan.forwards} - {f.key for f in before.forwards}
         removed = {f.key for f in before.forwards} - {f.key for f in plan.forwards}
         if added or removed or plan.reverses != before.reverses:
@@ -239,6 +260,7 @@ class Up:
         async for _changes in awatch(
             path.parent,
             watch_filter=lambda _change, changed: Path(changed).name == path.name,
+            recursive=False,  # the folder itself, never node_modules & co below it
             debounce=100,
             step=50,
         ):
@@ -279,6 +301,29 @@ class Up:
             await self.provider.reconfigure(new)
         self.inventory = await self.provider.inventory()
         await self._apply(f"{new.source_path.name} changed")
+        await self._sync_candidates()
+
+    async def _sync_candidates(self) -> None:
+        """After a reload: candidates whose run/cwd/watch/ignore changed start anew."""
+        if not self.run_candidates:
+            return
+        wanted = {c.name: c for c in make_candidates(self.config, self.say, only=self.only, colour=self.colour)}
+        kept = []
+        for candidate in self.candidates:
+            if candidate.name in wanted and wanted[candidate.name].spec() == candidate.spec():
+                kept.append(candidate)
+                del wanted[candidate.name]
+            else:
+                self.say(f"velo: {candidate.name}: run settings changed" if candidate.name in wanted
+                         else f"velo: {candidate.name}: no longer run by velo")
+                await candidate.stop()
+        for candidate in wanted.values():
+            if not candidate.cwd.is_dir():
+                self.say(f"velo: local.{candidate.name}.cwd: folder {candidate.cwd} does not exist; not started")
+                continue
+            candidate.start(self.mesh.plan.env)
+            kept.append(candidate)
+        self.candidates = kept
 
     async def _watch_provider(self) -> None:
         async for inventory in self.provider.watch():
@@ -290,13 +335,19 @@ class Up:
     def _write_env(self, plan: Plan) -> None:
         env = self.config.env
         if env.file:
-            envfile.write(self.config.root / env.file, plan.env, env.format)
+            for warning in envfile.write(self.config.root / env.file, plan.env, env.format):
+                if warning not in self._env_warned:  # the file is rewritten on every change
+                    self._env_warned.add(warning)
+                    self.say(f"velo: {env.file}: {warning}")
 
     def _describe(self, plan: Plan) -> None:
         config = self.config
         self.say(f"velo: project {config.project.name}, provider {config.cluster.provider}, session {self.session_id}")
         for line in describe(plan):
             self.say(line)
+        if plan.forwards and plan.forwards[0].local_host in WILDCARD_HOSTS:
+            self.say(f"velo: forwards listen on all interfaces ({plan.forwards[0].local_host}): "
+                     "anyone who reaches this machine reaches the cluster's services through them")
         if config.env.file:
             self.say(f"  env     {len(plan.env)} variables in {config.env.file}")
         self.say("velo: running; Ctrl-C stops and cleans up")
@@ -311,6 +362,7 @@ class Up:
             started=self.started,
             reloads=self.reloads,
             last_reload_error=self.last_reload_error,
+            candidates=[c.status() for c in self.candidates],
         )
         return status
 
