@@ -197,3 +197,26 @@ def test_override_survives_compose_interpolation_and_bad_input_is_one_line(procs
     result = velo("compose", "-c", str(config), cwd=tmp_path)
     assert result.returncode == 2
     assert "compose.services.app: no Compose service 'website' (the project's services: app)" in result.stderr
+
+
+def test_velo_up_compose_stops_loudly_when_compose_fails_and_says_why_without_an_engine(procs, tmp_path, image):
+    config, _local_port, _expose = _project(tmp_path, procs, image, listen=None)
+
+    # no engine at that address: one clear line, exit 2, nothing started
+    result = velo("up", "--compose", "-c", str(config), cwd=tmp_path,
+                  env={"DOCKER_HOST": f"unix://{tmp_path}/no-such-docker.sock"}, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot find the docker bridge (is the Docker engine running?)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+    # docker compose up itself fails (an image that does not exist and cannot be pulled here)
+    (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump({"services": {"app": {
+        "image": "velo-test/no-such-image:0", "pull_policy": "never"}}}))
+    project = f"velo-test-{uuid.uuid4().hex[:8]}"
+    try:
+        result = velo("up", "--compose", "-c", str(config), cwd=tmp_path, env={"COMPOSE_PROJECT_NAME": project},
+                      timeout=180)
+    finally:
+        _compose_down(project, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "velo: docker compose up exited with code" in result.stdout
