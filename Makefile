@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 CLUSTER_DIR ?= /tmp/velo-cluster
 
-.PHONY: demo test test-fast bench install clean system-deps cluster-bins cluster-up cluster-down env-readers integration-tools image node-bins test-images
+.PHONY: demo test test-fast bench bench-compare install clean system-deps cluster-bins cluster-up cluster-down env-readers integration-tools image node-bins test-images
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "velo needs Python 3.11+")'
@@ -84,6 +84,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# direct vs velo per backend vs kubectl port-forward, loopback and emulated WAN (bench/README.md)
+bench-compare: $(STAMP) cluster-bins
+	$(PY) bench/compare.py
 
 clean:
 	rm -rf $(VENV) .hypothesis build *.egg-info

@@ -177,3 +177,12 @@ def velo_objects(cluster, namespace: str) -> list[str]:
                          ("rolebinding", cluster.rbac.list_namespaced_role_binding)):
         found += [f"{kind}/{o.metadata.name}" for o in lister(namespace, label_selector=selector).items]
     return found
+
+
+def kube_up(procs, config, env: dict, timeout: float = 90):
+    """`velo up` started and finished starting: the traffic-proxy ready, the tunnel up and
+    the candidates intercepted (it prints "running" only after that)."""
+    up = procs.up(config, env=env, wait_up=False)
+    up.proc.wait_log("velo: running; Ctrl-C stops", timeout=timeout)
+    up.wait_state("up", timeout=timeout)  # without candidates, "running" does not wait for the tunnel
+    return up

@@ -17,7 +17,7 @@ from kubernetes import client
 
 from tests.helpers import http_get, wait_for
 from tests.kube.ingress import request_via_service
-from tests.kube.shop import kube_config, service, velo, velo_objects
+from tests.kube.shop import kube_config, kube_up, service, velo, velo_objects
 from velo.providers.kubernetes import intercept as ix
 
 pytestmark = pytest.mark.cluster
@@ -26,8 +26,9 @@ USER = "dev-alice"
 REQUEST = b"GET / HTTP/1.1\r\nHost: website\r\nConnection: close\r\n\r\n"
 
 
-def user_kubeconfig(cluster, tmp_path, namespace: str):
+def user_kubeconfig(cluster, tmp_path, namespace: str, user: str = USER):
     """A client certificate from the test cluster's CA, for a user with no group and no rights."""
+    USER = user  # noqa: N806
     pki = cluster.cluster.pki
     key, csr, crt, ext = (tmp_path / f"{USER}.{s}" for s in ("key", "csr", "crt", "ext"))
     ext.write_text("basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n"
@@ -59,6 +60,14 @@ def platform(cluster, namespace, shop):
     return shop
 
 
+def bind(cluster, namespace: str, user: str, role: dict) -> None:
+    cluster.rbac.create_namespaced_role(namespace, role)
+    cluster.rbac.create_namespaced_role_binding(namespace, client.V1RoleBinding(
+        metadata=client.V1ObjectMeta(name=f"{user}-velo"),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=role["metadata"]["name"]),
+        subjects=[client.RbacV1Subject(kind="User", name=user, api_group="rbac.authorization.k8s.io")]))
+
+
 def test_a_whole_session_as_a_user_bound_to_exactly_the_printed_role(cluster, namespace, platform, procs, tmp_path):
     kubeconfig = user_kubeconfig(cluster, tmp_path, namespace)
     laptop = procs.server("http", text="alice's laptop")
@@ -67,16 +76,11 @@ def test_a_whole_session_as_a_user_bound_to_exactly_the_printed_role(cluster, na
     assert denied.returncode == 2 and "permission denied" in denied.stderr, "the user starts with no rights"
     printed = velo("rbac", cwd=config.parent, kubeconfig=kubeconfig)
     assert printed.returncode == 0, printed.stderr
-    role = yaml.safe_load(printed.stdout)
-    cluster.rbac.create_namespaced_role(namespace, role)
-    cluster.rbac.create_namespaced_role_binding(namespace, client.V1RoleBinding(
-        metadata=client.V1ObjectMeta(name=f"{USER}-velo"),
-        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=role["metadata"]["name"]),
-        subjects=[client.RbacV1Subject(kind="User", name=USER, api_group="rbac.authorization.k8s.io")]))
+    bind(cluster, namespace, USER, yaml.safe_load(printed.stdout))
     env = {"KUBECONFIG": str(kubeconfig)}
 
     # up, forward, reverse, down
-    up = procs.up(config, env=env)
+    up = kube_up(procs, config, env=env)
     assert f"{namespace}/backend".encode() in http_get(up.port("backend"))
     answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, REQUEST), 20,
                       "a request to the Service website:80")
@@ -88,12 +92,13 @@ def test_a_whole_session_as_a_user_bound_to_exactly_the_printed_role(cluster, na
     assert down.returncode == 0, down.stderr
     assert up.proc.wait(30) == 0
     log = up.proc.log()
-    assert "permission denied" not in log and "forbidden" not in log.lower() and "failed" not in log, log
+    for trouble in ("permission denied", "forbidden", "renewing the lease failed", "cleaning up failed"):
+        assert trouble not in log.lower(), log
     assert service(cluster, namespace).spec.selector == {"app": "website"}
     wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be gone")
 
     # kill -9: the traffic-proxy repairs with its own Role (restore, delete its Lease and Deployment)
-    again = procs.up(config, env=env)
+    again = kube_up(procs, config, env=env)
     session = service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
     proxy = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items[0]
     proxy_log = cluster.pod_process(namespace, proxy.metadata.name)["log"]
@@ -105,3 +110,30 @@ def test_a_whole_session_as_a_user_bound_to_exactly_the_printed_role(cluster, na
     assert f"session {session} cleaned up" in text and "cleanup attempt" not in text, text[-3000:]
     repair = velo("down", "--all", cwd=config.parent, kubeconfig=kubeconfig, timeout=90)
     assert repair.returncode == 0 and "permission denied" not in repair.stderr, repair.stderr
+
+
+def test_a_step_that_is_denied_half_way_leaves_nothing_behind(cluster, namespace, platform, tmp_path):
+    """A Role that lacks one verb (create rolebindings): `velo up` fails at that step with one
+    line naming it, after it created the Deployment, Lease, ServiceAccount and Role, and
+    removes them all again with the permissions it has."""
+    from velo.providers.kubernetes import rbac_role
+
+    user = "dev-bob"
+    kubeconfig = user_kubeconfig(cluster, tmp_path, namespace, user)
+    role = yaml.safe_load(rbac_role(namespace))
+    role["metadata"]["name"] = "velo-developer-without-rolebindings"
+    for rule in role["rules"]:
+        if "rolebindings" in rule["resources"]:
+            rule["resources"] = ["roles"]
+            role["rules"].append({"apiGroups": rule["apiGroups"], "resources": ["rolebindings"], "verbs": ["delete"]})
+            break
+    bind(cluster, namespace, user, role)
+    before = service(cluster, namespace).metadata.resource_version
+    config = kube_config(tmp_path / "p", namespace, platform.url, candidate_port=3000, exclude='"*"')
+    result = velo("up", cwd=config.parent, kubeconfig=kubeconfig, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert "permission denied while creating RoleBinding" in last and 'cannot create resource "rolebindings"' in last
+    assert "Traceback" not in result.stderr
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "every object of the failed start to be removed")
+    assert service(cluster, namespace).metadata.resource_version == before

@@ -19,7 +19,7 @@ from kubernetes import client
 
 from tests.helpers import http_get, wait_for
 from tests.kube.ingress import request_via_service
-from tests.kube.shop import comparable, endpoint_pods, kube_config, service, velo, via_pod
+from tests.kube.shop import comparable, endpoint_pods, kube_config, kube_up, service, velo, via_pod
 from velo.providers.kubernetes import intercept as ix
 
 pytestmark = pytest.mark.cluster
@@ -52,7 +52,7 @@ def test_up_forwards_intercepts_and_down_restores(cluster, namespace, shop, proc
     original_pods = endpoint_pods(cluster, namespace, "website")
     laptop = procs.server("http", text="hello from the laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
 
     # Forward: through the tunnel to services the test process cannot reach itself.
     body = http_get(up.port("backend"))
@@ -103,7 +103,7 @@ def test_up_forwards_intercepts_and_down_restores(cluster, namespace, shop, proc
 def test_kill_9_is_repaired_by_the_cluster_within_the_lease(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=5)
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert service(cluster, namespace).spec.selector.get(ix.LABEL_COMPONENT) == ix.COMPONENT
     up.proc.signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -119,8 +119,8 @@ def test_kill_9_is_repaired_by_the_cluster_within_the_lease(cluster, namespace, 
 def test_concurrent_edit_survives_restore(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    cluster.core.patch_namespacedservice("website", namespace, {
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    cluster.core.patch_namespaced_service("website", namespace, {
         "metadata": {"labels": {"team": "checkout"}, "annotations": {"note": "edited during intercept"}}})
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
@@ -129,14 +129,14 @@ def test_concurrent_edit_survives_restore(cluster, namespace, shop, procs, tmp_p
     assert svc.metadata.labels["team"] == "checkout"
     assert svc.metadata.annotations["note"] == "edited during intercept"
     assert not any(k.startswith("velo.dev/") for k in svc.metadata.annotations)
-    cluster.core.patch_namespacedservice("website", namespace, [
+    cluster.core.patch_namespaced_service("website", namespace, [
         {"op": "remove", "path": "/metadata/labels/team"}, {"op": "remove", "path": "/metadata/annotations/note"}])
 
 
 def test_second_session_is_refused_with_the_holders_name(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="laptop")
     first = kube_config(tmp_path / "first", namespace, shop.url, candidate_port=laptop)
-    up = procs.up(first, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    up = kube_up(procs, first, env={"KUBECONFIG": str(cluster.kubeconfig)})
     # The second developer's laptop; on this one machine it must not bind the first one's ports.
     second = kube_config(tmp_path / "second", namespace, shop.url, candidate_port=laptop, exclude='"*"')
     result = velo("up", cwd=second.parent, kubeconfig=cluster.kubeconfig, timeout=90)
@@ -150,13 +150,13 @@ def test_second_session_is_refused_with_the_holders_name(cluster, namespace, sho
 
 def test_services_appearing_while_up_runs_get_listeners(cluster, namespace, shop, procs, tmp_path):
     config = kube_config(tmp_path / "p", namespace, shop.url)
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
-    cluster.start_in_clusterservice("late", namespace, kind="http", port=80)
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    cluster.start_in_cluster_service("late", namespace, kind="http", port=80)
     try:
         port = wait_for(lambda: up.port("late"), 15, "a listener for the new Service")
         assert b"late" in http_get(port)
     finally:
-        cluster.stop_in_clusterservice("late", namespace)
+        cluster.stop_in_cluster_service("late", namespace)
     wait_for(lambda: "late" not in {f["name"] for f in up.status()["forwards"]}, 15, "the listener to go with the Service")
 
 
@@ -211,7 +211,7 @@ def test_velo_down_repairs_what_a_double_crash_left(cluster, namespace, shop, pr
     the next `velo down` must."""
     laptop = procs.server("http", text="laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     session = service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
     proxy = cluster.apps.list_namespaced_deployment(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items
     pod = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items[0]
@@ -266,7 +266,7 @@ def test_rejected_credentials_and_ambiguous_workloads(cluster, namespace, shop, 
 def test_tunnel_follows_a_traffic_proxy_pod_restart(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="laptop after restart")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     session = service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
     selector = f"{ix.LABEL_SESSION}={session}"
     old = cluster.core.list_namespaced_pod(namespace, label_selector=selector).items[0].metadata.name
@@ -291,7 +291,7 @@ def test_tunnel_follows_a_traffic_proxy_pod_restart(cluster, namespace, shop, pr
 def test_next_velo_up_repairs_a_lapsed_session(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="second run")
     first = kube_config(tmp_path / "first", namespace, shop.url, candidate_port=laptop, lease=5, exclude='"*"')
-    up = procs.up(first, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    up = kube_up(procs, first, env={"KUBECONFIG": str(cluster.kubeconfig)})
     session = service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
     pod = cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items[0]
     cluster.kill_pod_process(namespace, pod.metadata.name)  # nothing in the cluster can undo it now
@@ -300,7 +300,7 @@ def test_next_velo_up_repairs_a_lapsed_session(cluster, namespace, shop, procs, 
     lease = client.CoordinationV1Api(cluster.core.api_client).read_namespaced_lease(ix.lease_name(session), namespace)
     wait_for(lambda: ix.lease_expired(lease), 15, "the crashed session's lease to lapse")
     second = kube_config(tmp_path / "second", namespace, shop.url, candidate_port=laptop, exclude='"*"')
-    again = procs.up(second, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    again = kube_up(procs, second, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert f"cleaned up session {session} (restored website)" in again.proc.log()
     svc = service(cluster, namespace)
     assert svc.metadata.annotations[ix.ANN_SESSION] != session

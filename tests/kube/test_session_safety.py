@@ -18,7 +18,7 @@ from tests.cluster import podrunner
 from tests.helpers import free_port, wait_for
 from tests.kube.ingress import request_via_service
 from tests.kube.relay import CuttableRelay
-from tests.kube.shop import coordination, kube_config, kubeconfig_variant, service, velo, velo_objects
+from tests.kube.shop import coordination, kube_config, kube_up, kubeconfig_variant, service, velo, velo_objects
 from velo.providers.kubernetes import intercept as ix
 
 pytestmark = pytest.mark.cluster
@@ -59,7 +59,8 @@ def test_no_reachable_tunnel_stops_within_ready_timeout_and_changes_nothing(clus
     assert result.returncode == 2, result.stdout + result.stderr
     assert "no path from the traffic-proxy to this laptop within 8s" in result.stderr
     assert "the tunnel is not connected" in result.stderr and "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("velo: no path from the traffic-proxy"), result.stderr
+    assert result.stderr.count("no path") == 1, result.stderr
     assert "now sends its traffic" not in result.stdout
     assert elapsed < 8 + 30, f"took {elapsed:.1f}s"
     after = service(cluster, namespace)
@@ -129,8 +130,9 @@ def test_a_laptop_clock_ten_minutes_slow_keeps_its_session(cluster, namespace, s
     laptop = procs.server("http", text="slow clock laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
     kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig", insecure=True)
-    up = procs.up(config, env={"KUBECONFIG": str(kubeconfig), **skewed("-10m")})
-    assert intercepted(cluster, namespace)
+    up = procs.up(config, env={"KUBECONFIG": str(kubeconfig), **skewed("-10m")}, wait_up=False)
+    up.wait_state("up", timeout=90)
+    wait_for(lambda: intercepted(cluster, namespace), 30, f"the intercept; log:\n{up.proc.log()[-3000:]}")
     lease = session_lease(cluster, namespace)
     assert lease.spec.renew_time.timestamp() < time.time() - 500, "the skew must be real"
     renewals(cluster, namespace, 3, 10 * lease_seconds)
@@ -152,8 +154,9 @@ def test_a_laptop_clock_ten_minutes_fast_is_still_noticed_gone(cluster, namespac
     lease_seconds = 5
     laptop = procs.server("http", text="fast clock laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig), **skewed("+10m")})
-    assert intercepted(cluster, namespace)
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig), **skewed("+10m")}, wait_up=False)
+    up.wait_state("up", timeout=90)
+    wait_for(lambda: intercepted(cluster, namespace), 30, f"the intercept; log:\n{up.proc.log()[-3000:]}")
     assert session_lease(cluster, namespace).spec.renew_time.timestamp() > time.time() + 500, "the skew must be real"
     up.proc.signal(signal.SIGKILL)
     killed = time.monotonic()
@@ -177,7 +180,7 @@ def test_a_live_tunnel_keeps_the_session_while_the_laptop_cannot_reach_the_apise
                                         server=f"https://127.0.0.1:{relay.port}")
         laptop = procs.server("http", text="laptop still here")
         config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
-        up = procs.up(config, env={"KUBECONFIG": str(kubeconfig)})
+        up = kube_up(procs, config, env={"KUBECONFIG": str(kubeconfig)})
         assert intercepted(cluster, namespace)
         before = session_lease(cluster, namespace).metadata.resource_version
         relay.cut()
@@ -206,14 +209,14 @@ def test_live_edits_restore_a_removed_candidate_and_refuse_what_needs_a_restart(
                                                                                tmp_path):
     laptop = procs.server("http", text="laptop")
     config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
-    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
     with_candidate = config.read_text()
     without = with_candidate.replace(f"\n[local.website]\nport = {laptop}\n", "\n")
     assert without != with_candidate
-    config.write_text(without)
-    wait_for(lambda: service(cluster, namespace).spec.selector == {"app": "website"}, 20,
-             f"the removed candidate's Service to be restored; log:\n{up.proc.log()[-2000:]}")
+    # (re)written until seen: the file watcher starts just as `velo up` says it is running
+    wait_for(lambda: config.write_text(without) and service(cluster, namespace).spec.selector == {"app": "website"},
+             30, f"the removed candidate's Service to be restored; log:\n{up.proc.log()[-2000:]}", interval=0.5)
     up.proc.wait_log("Service website: original selector restored ([local.website] removed)")
     assert ix.ANN_SESSION not in (service(cluster, namespace).metadata.annotations or {})
 
@@ -226,3 +229,48 @@ def test_live_edits_restore_a_removed_candidate_and_refuse_what_needs_a_restart(
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
     wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")
+
+
+def put_back(cluster, namespace: str) -> None:
+    """What a GitOps sync or `kubectl apply` of the original manifest does."""
+    cluster.core.patch_namespaced_service("website", namespace, [
+        {"op": "replace", "path": "/spec/selector", "value": {"app": "website"}},
+        {"op": "replace", "path": "/spec/ports/0/targetPort", "value": "http"}])
+
+
+@pytest.mark.parametrize("on_drift", ["reapply", "warn"])
+def test_drift_is_noticed_from_the_watch(cluster, namespace, shop, procs, tmp_path, on_drift):
+    laptop = procs.server("http", text="laptop after drift")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop,
+                         cluster_extra=f'on_drift = "{on_drift}"\n')
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    assert intercepted(cluster, namespace)
+    put_back(cluster, namespace)
+    up.proc.wait_log("Service website was changed back by someone else", timeout=20)
+    if on_drift == "reapply":
+        wait_for(lambda: intercepted(cluster, namespace), 20, "velo to intercept the Service again")
+        answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, REQUEST), 20,
+                          "a request to the Service website:80")
+        assert answer.endswith(b"laptop after drift")
+    else:
+        assert 'cluster.on_drift = "warn"' in up.proc.log() and not intercepted(cluster, namespace)
+    assert up.proc.log().count("changed back by someone else") == 1, "one line per event"
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    svc = service(cluster, namespace)
+    assert svc.spec.selector == {"app": "website"} and svc.spec.ports[0].target_port == "http"
+    assert not any(k.startswith("velo.dev/") for k in (svc.metadata.annotations or {}))
+
+
+def test_ctrl_c_during_the_wait_leaves_nothing_behind(cluster, namespace, shop, procs, tmp_path, slow_start):
+    slow_start(60)
+    before = service(cluster, namespace).metadata.resource_version
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=free_port())
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)}, wait_up=False)
+    up.proc.wait_log("velo: traffic-proxy velo-proxy-", timeout=60)  # the pod is there; waiting for the tunnel
+    assert velo_objects(cluster, namespace)
+    up.proc.signal(signal.SIGINT)
+    assert up.proc.wait(60) in (0, 1, 2, 130), up.proc.log()
+    assert "Traceback" not in up.proc.log(), up.proc.log()
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "every object of the interrupted start to be removed")
+    assert service(cluster, namespace).metadata.resource_version == before

@@ -27,6 +27,22 @@ ROOT = Path(__file__).resolve().parents[2]
 APP_IMAGE = "localhost/velo-test/sample-app:1"
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Build the node's binaries before the first test when real-node tests are selected, so a
+    cold build (~5 min; `make test` does it earlier) does not count against a test's timeout."""
+    if not any("real_node" in getattr(item, "fixturenames", ()) for item in session.items):
+        return
+    if harness.can_build() and not nodemod.node_binaries_ready():
+        capman = session.config.pluginmanager.getplugin("capturemanager")
+        import contextlib
+        with capman.global_and_fixture_disabled() if capman else contextlib.nullcontext():
+            try:
+                harness.ensure_binaries()
+                nodemod.ensure_node_binaries()
+            except harness.ClusterError as e:  # the fixture reports it per test
+                print(f"velo-node: {e}")
+
+
 def _unavailable(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":
         pytest.fail(f"{reason} (CI=true: this must run)", pytrace=False)
@@ -62,9 +78,7 @@ def proxy_image(request, docker_engine) -> str:
 def app_image(request, proxy_image) -> str:
     base = subprocess.run(["bash", str(ROOT / "proxy/base-image.sh")], stdout=subprocess.PIPE, text=True,
                           check=True).stdout.strip().splitlines()[-1]
-    with _uncaptured(request):
-        subprocess.run(["docker", "build", "--network", "none", "--build-arg", f"BASE={base}", "-t", APP_IMAGE,
-                        str(ROOT / "tests/node/app")], check=True, stdout=subprocess.DEVNULL)
+    _docker_build(base, APP_IMAGE, ROOT / "tests/node/app")
     return APP_IMAGE
 
 
@@ -72,10 +86,16 @@ def app_image(request, proxy_image) -> str:
 def pause_image(request, docker_engine) -> str:
     base = subprocess.run(["bash", str(ROOT / "proxy/base-image.sh")], stdout=subprocess.PIPE, text=True,
                           check=True).stdout.strip().splitlines()[-1]
-    with _uncaptured(request):
-        subprocess.run(["docker", "build", "--network", "none", "--build-arg", f"BASE={base}",
-                        "-t", nodemod.PAUSE_IMAGE, str(ROOT / "tests/node/pause")], check=True, stdout=subprocess.DEVNULL)
+    _docker_build(base, nodemod.PAUSE_IMAGE, ROOT / "tests/node/pause")
     return nodemod.PAUSE_IMAGE
+
+
+def _docker_build(base: str, tag: str, context: Path) -> None:
+    """docker build offline on the local base; its output only when it fails."""
+    r = subprocess.run(["docker", "build", "--network", "none", "--build-arg", f"BASE={base}", "-t", tag,
+                        str(context)], capture_output=True, text=True, timeout=600)
+    if r.returncode != 0:
+        pytest.fail(f"docker build {tag} failed:\n{r.stdout[-2000:]}{r.stderr[-2000:]}", pytrace=False)
 
 
 class RealNodeHandle:

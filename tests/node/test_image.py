@@ -3,8 +3,10 @@ way the pod spec declares it: its user, no capabilities, no privilege escalation
 root filesystem. Then a real tunnel through it."""
 from __future__ import annotations
 
+import collections
 import json
 import re
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +22,23 @@ ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "velo/providers/kubernetes/traffic-proxy.yaml"
 
 
-def gateway_container() -> dict:
-    docs = [d for d in yaml.safe_load_all(TEMPLATE.read_text().replace("${", "{")) if d]
-    deploy = next(d for d in docs if d["kind"] == "Deployment")
-    return deploy["spec"]["template"]["spec"]["containers"][0]
+def template_docs(**values: str) -> list[dict]:
+    """velo's traffic-proxy template, placeholders from ``values`` or "x"."""
+    text = string.Template(TEMPLATE.read_text()).substitute(collections.defaultdict(lambda: "x", values))
+    return [d for d in yaml.safe_load_all(text) if d]
 
 
-def docker_run_flags(container: dict) -> list[str]:
-    """The pod spec's securityContext, as `docker run` flags (what a kubelet would ask runc for)."""
-    sc = container.get("securityContext") or {}
+def gateway_pod() -> tuple[dict, dict]:
+    """(pod-level securityContext, the gateway container) of velo's traffic-proxy Deployment."""
+    deploy = next(d for d in template_docs() if d["kind"] == "Deployment")
+    spec = deploy["spec"]["template"]["spec"]
+    return spec.get("securityContext") or {}, spec["containers"][0]
+
+
+def docker_run_flags(pod_sc: dict, container: dict) -> list[str]:
+    """The pod spec's securityContext (pod level, overridden by the container's), as `docker run`
+    flags (what a kubelet would ask runc for)."""
+    sc = {**pod_sc, **(container.get("securityContext") or {})}
     flags = ["--read-only"]  # the strictest: the gateway must not need to write to its image
     for cap in (sc.get("capabilities") or {}).get("drop") or []:
         flags += ["--cap-drop", cap]
@@ -67,8 +77,8 @@ def test_image_version_user_and_size(proxy_image):
 def test_image_serves_a_tunnel_locked_down_as_the_pod_spec_declares(proxy_image, procs, tmp_path):
     """Readiness (the probe's /healthz) and a forward through the tunnel, with the pod spec's
     security context: the tunnel reaches the gateway's own port 7070 from inside the container."""
-    container = gateway_container()
-    flags = docker_run_flags(container)
+    pod_sc, container = gateway_pod()
+    flags = docker_run_flags(pod_sc, container)
     assert "--cap-drop" in flags and "ALL" in flags and "no-new-privileges" in flags
     name = f"velo-proxy-test-{tmp_path.name[-8:]}".lower().replace("_", "-")
     run = subprocess.run(["docker", "run", "-d", "--rm", "--name", name, *flags, "-e", f"VELO_TOKEN={TOKEN}",
@@ -92,7 +102,7 @@ def test_image_serves_a_tunnel_locked_down_as_the_pod_spec_declares(proxy_image,
         assert re.search(r"^NoNewPrivs:\s+1$", status, re.M), status
         # a forward through the tunnel: laptop -> velo up -> ws tunnel -> gateway in the container
         config = write_config(tmp_path / "velocity.toml", gateway_url=f"ws://127.0.0.1:{port}/velo",
-                              remote={"self": "127.0.0.1:7070"})
+                              remote={"self": "127.0.0.1:7070"}, free_ports=True)
         up = procs.up(config)
         local = up.port("self")
         reply = _get(local, "/healthz")
@@ -122,7 +132,7 @@ def test_platform_manifests_are_generated_from_the_template_velo_renders():
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stderr
     role = next(d for d in yaml.safe_load_all((ROOT / "proxy/manifests/role.yaml").read_text()) if d["kind"] == "Role")
-    template_role = next(d for d in yaml.safe_load_all(TEMPLATE.read_text().replace("${", "{")) if d and d["kind"] == "Role")
+    template_role = next(d for d in template_docs(session="shared", namespace="velo") if d["kind"] == "Role")
     assert role["rules"] == template_role["rules"]
     install = [d["kind"] for d in yaml.safe_load_all((ROOT / "proxy/manifests/install.yaml").read_text()) if d]
-    assert install == [d["kind"] for d in yaml.safe_load_all(TEMPLATE.read_text().replace("${", "{")) if d]
+    assert install == [d["kind"] for d in template_docs()]

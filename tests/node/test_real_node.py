@@ -4,7 +4,7 @@ same local base, both imported into the node's containerd (nothing is pulled).
 
   * `velo up` (kubernetes provider) creates the traffic-proxy; the kubelet runs it from the
     local store as UID 65532 with no capabilities; its readiness probe passes.
-  * The tunnel: until velo has its port-forward backend, `[tunnel] url` points at a local relay
+  * The tunnel: until velo has its port-forward backend, `[tunnel.websocket] url` points at a relay
     that opens, per connection, a port-forward to the ready traffic-proxy pod through the
     apiserver and the REAL kubelet's streaming path (kubelet -> containerd CRI stream server).
   * A forward request reaches the sample `backend` pod (cluster DNS -> ClusterIP -> kube-proxy).
@@ -27,11 +27,12 @@ import pytest
 from kubernetes import client
 from kubernetes.stream import portforward
 
-from tests.helpers import http_get, wait_for
+from tests.helpers import Up, http_get, wait_for
 from tests.node.conftest import APP_IMAGE
 from velo.providers.kubernetes import intercept as ix
 
-pytestmark = [pytest.mark.slow]
+# the first test also pays for the node's start (~30-60 s) and every wait is generous for a loaded CI
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 NS = "shop"
 
 
@@ -174,10 +175,12 @@ lease_seconds = 30
 ready_timeout = 180
 
 [tunnel]
-url = "{url}"
 reconnect_max_delay = 0.5
 keepalive_interval = 1.0
 keepalive_timeout = 3.0
+
+[tunnel.websocket]
+url = "{url}"
 
 [local.website]
 port = {laptop_port}
@@ -201,7 +204,12 @@ def test_velo_up_on_a_real_node_forward_reverse_and_container_restart(real_node,
     core = real_node.core
     laptop = procs.server("http", text="hello from the laptop")
     config = _config(tmp_path, shop.url, laptop)
-    up = procs.up(config, wait_up=False, env={"KUBECONFIG": real_node.kubeconfig})
+    # procs.up() allows 20 s to start; a loaded 2-core CI machine needs more for the first status
+    proc = procs.start("up", [sys.executable, "-m", "velo", "up", "-c", str(config)],
+                       env={"KUBECONFIG": real_node.kubeconfig}, cwd=config.parent)
+    up = Up(proc, config)
+    wait_for(lambda: up.status() or not proc.running(), 120, "velo up to start")
+    assert proc.running(), f"velo up exited:\n{proc.log()}"
     up.wait_state("up", timeout=240)
 
     # the traffic-proxy pod: the kubelet ran the image from the local store, under its security context

@@ -77,11 +77,14 @@ class KubernetesSession(ProviderSession):
         self.session = secrets.token_hex(5)
         self.token = secrets.token_urlsafe(32)
         self.started = False
+        self.portforward_port = TUNNEL_PORT + 1
         self.intercepted: list[str] = []
         self._warned: set[str] = set()  # warn once per Service, not on every re-discovery
         self._watch: watch.Watch | None = None
         self._stopping = threading.Event()
         self._renewing: asyncio.Task | None = None
+        self._drift: set[str] = set()   # intercepted Services someone else put back
+        self._last_reverses: tuple[Reverse, ...] = ()
 
     @property
     def namespace(self) -> str:
@@ -126,8 +129,8 @@ class KubernetesSession(ProviderSession):
                     if warning not in self._warned:
                         self._warned.add(warning)
                         log.warning("[local.%s] env: %s", name, warning)
-        return Inventory(tuple(inventory_services), tuple(assign_proxy_ports(reverses)), tuple(env.items()),
-                         frozenset(secret_keys))
+        self._last_reverses = tuple(assign_proxy_ports(reverses))
+        return Inventory(tuple(inventory_services), self._last_reverses, tuple(env.items()), frozenset(secret_keys))
 
     def _service_ports(self, svc, warned: set) -> list[ServicePort]:
         name = svc.metadata.name
@@ -238,23 +241,52 @@ class KubernetesSession(ProviderSession):
             await changed.wait()
             await asyncio.sleep(0.2)  # coalesce a burst of events
             changed.clear()
+            if self.intercepted:
+                await self._mind_drift()
             inventory = await self.inventory()
             if inventory != last:
                 last = inventory
                 yield inventory
 
+    async def _mind_drift(self) -> None:
+        """An intercepted Service put back by someone else is said once per change and, with
+        ``on_drift = "reapply"``, intercepted again (its new selector becomes the original)."""
+        reapply = self.config.cluster.on_drift == "reapply"
+        services = {s.metadata.name: s for s in await self._services()}
+        for name in list(self.intercepted):
+            svc = services.get(name)
+            if svc is None or not ix.drifted(svc, self.session):
+                self._drift.discard(name)
+                continue
+            if name not in self._drift:
+                log.warning("Service %s was changed back by someone else (a GitOps sync or kubectl apply?)%s", name,
+                            "; intercepting it again" if reapply else "; its traffic no longer reaches this laptop "
+                            '(cluster.on_drift = "warn")')
+            self._drift.add(name)
+            if reapply:
+                ports = {r.service_port: r.gateway_port for r in self._last_reverses if r.service == name}
+                await asyncio.to_thread(ix.release, self.conn, name, self.session)
+                await asyncio.to_thread(ix.intercept, self.conn, name, self.session,
+                                        lambda s: ix.lease_alive(self.conn, s), ports)
+                self._drift.discard(name)
+
     # ---- the in-cluster side -------------------------------------------------------
 
     async def endpoints(self) -> list[Endpoint]:
+        """Backends with a url (an Ingress) dial it; the others go through the apiserver's
+        pods/portforward to the session's pod, found again by its labels every time."""
+        from . import portforward
+
         tunnel = self.config.tunnel
         found = []
         for name in tunnel.preference:
             table = tunnel.table(name)
             if getattr(table, "url", None):
                 found.append(Endpoint(name, table.url, self.token, settings=table))
-        if not found:
-            raise ProviderError("[tunnel.websocket] url is needed to reach the traffic-proxy (an Ingress or "
-                                f"LoadBalancer to its port {TUNNEL_PORT})")
+            else:
+                found.append(await portforward.endpoint(
+                    self.conn, self.namespace, f"{ix.LABEL_SESSION}={self.session}", self.portforward_port,
+                    backend=name, token=self.token, settings=table))
         return found
 
     async def start(self, say, path_ready=None) -> None:
@@ -325,6 +357,7 @@ class KubernetesSession(ProviderSession):
         proxy_ports = sorted({r.gateway_port for r in inventory.reverses})
         tunnel_port = TUNNEL_PORT  # outside PROXY_PORTS
         self.tunnel_port = tunnel_port
+        self.portforward_port = TUNNEL_PORT + 1  # also outside PROXY_PORTS; reached on the pod's loopback
         for doc in docs:
             if doc["kind"] == "Deployment":
                 container = doc["spec"]["template"]["spec"]["containers"][0]
@@ -332,13 +365,15 @@ class KubernetesSession(ProviderSession):
                 aliases = sorted({f"{p.target_host}:{p.target_port}" for svc in inventory.services for p in svc.ports
                                   if not p.target_host.endswith(f".{self.namespace}.svc.cluster.local")})
                 container["args"] = [
-                    "--listen", f"ws://0.0.0.0:{tunnel_port}/velo", "--token-env", "VELO_TOKEN",
+                    "--listen", f"ws://0.0.0.0:{tunnel_port}/velo",
+                    "--listen", f"port-forward://127.0.0.1:{self.portforward_port}", "--token-env", "VELO_TOKEN",
                     "--allow", f"*.{self.namespace}.svc.cluster.local:*",
                     *[arg for alias in aliases for arg in ("--allow", alias)],
                     "--session", self.session, "--lease-check", "2",
                     *(arg for p in proxy_ports for arg in ("--allow-reverse", str(p))),
                 ]
-                container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port}] + [
+                container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port},
+                                      {"name": "velo-pf", "containerPort": self.portforward_port}] + [
                     {"containerPort": p} for p in proxy_ports
                 ]
                 pull_secrets = self.config.cluster.image_pull_secrets

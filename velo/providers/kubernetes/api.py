@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +19,8 @@ from kubernetes import client, config as kubeconfig
 from kubernetes.client.rest import ApiException
 
 from velo.provider import ProviderError
+
+log = logging.getLogger("velo.kubernetes")
 
 RBAC_HINT = "`velo rbac` prints a Role that grants what velo needs"
 
@@ -86,6 +90,9 @@ def connect(context: str = "", namespace: str = "") -> Connection:
     except kubeconfig.ConfigException as exc:
         raise ProviderError(f'kubeconfig context "{chosen["name"]}": {exc}') from None
     configuration.retries = False
+    if not configuration.verify_ssl:  # said once here, not by urllib3 on every request
+        warnings.filterwarnings("ignore", category=urllib3.exceptions.InsecureRequestWarning)
+        log.warning("context %s: TLS verification is off (insecure-skip-tls-verify)", chosen["name"])
     ns = namespace or chosen["context"].get("namespace") or "default"
     user = chosen["context"].get("user", "?")
     return Connection(client.ApiClient(configuration), ns, chosen["name"], configuration.host, user)

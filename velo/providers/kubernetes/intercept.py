@@ -195,6 +195,41 @@ def restore(conn: Connection, name: str, session: str) -> bool:
     raise ProviderError(f"Service {name} keeps changing; could not restore it after {CONFLICT_RETRIES} attempts")
 
 
+def drifted(svc, session: str) -> bool:
+    """Someone else put this Service back (a GitOps sync, `kubectl apply`) while ``session``
+    holds it: its selector or an intercepted targetPort no longer points at the proxy."""
+    annotations = svc.metadata.annotations or {}
+    if annotations.get(ANN_SESSION) != session:
+        return True  # our record is gone too (the object was replaced)
+    if (svc.spec.selector or {}) != proxy_labels(session):
+        return True
+    by_port = {p.port: p.target_port for p in svc.spec.ports or []}
+    return any(by_port.get(entry["port"]) != entry["proxy"] for entry in recorded_ports(svc))
+
+
+def release(conn: Connection, name: str, session: str) -> None:
+    """Forget ``session``'s hold on a drifted Service without touching its selector (what
+    the other writer applied is the new original); targetPorts still on velo's proxy
+    ports go back to what velo recorded."""
+    for _ in range(CONFLICT_RETRIES):
+        svc = call_sync(conn, f"reading Service {name}", conn.core.read_namespaced_service, name, conn.namespace)
+        annotations = svc.metadata.annotations or {}
+        if annotations.get(ANN_SESSION) != session:
+            return
+        ops = [{"op": "test", "path": "/metadata/resourceVersion", "value": svc.metadata.resource_version}]
+        for entry in recorded_ports(svc):
+            for index, port in enumerate(svc.spec.ports or []):
+                if port.port == entry.get("port") and port.target_port == entry.get("proxy"):
+                    ops.append({"op": "replace", "path": f"/spec/ports/{index}/targetPort", "value": entry["targetPort"]})
+        ops += [{"op": "remove", "path": f"/metadata/annotations/{_pointer(k)}"} for k in OUR_ANNOTATIONS if k in annotations]
+        try:
+            _patch(conn, name, ops, f"releasing Service {name}")
+            return
+        except ProviderError as exc:
+            if not _is_conflict(exc):
+                raise
+
+
 def intercepted_by(conn: Connection, session: str) -> list[str]:
     services = call_sync(conn, "listing Services", conn.core.list_namespaced_service, conn.namespace)
     return [s.metadata.name for s in services.items if (s.metadata.annotations or {}).get(ANN_SESSION) == session]

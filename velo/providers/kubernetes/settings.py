@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, ClassVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, StringConstraints
 
@@ -42,3 +42,5 @@ class KubernetesTable(ProviderTable):
     proxy_memory_request: Quantity = "64Mi"
     proxy_cpu_limit: Quantity = "500m"
     proxy_memory_limit: Quantity = "256Mi"
+    # When something else puts an intercepted Service back: intercept it again, or only say so.
+    on_drift: Literal["reapply", "warn"] = "reapply"
