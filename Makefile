@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 
 CLUSTER_DIR ?= /tmp/velo-cluster
 
-.PHONY: demo test test-fast bench install clean system-deps cluster-bins cluster-up cluster-down env-readers integration-tools image node-bins test-images
+.PHONY: demo test test-fast bench bench-compare install clean system-deps cluster-bins cluster-up cluster-down env-readers integration-tools image node-bins test-images
 
 $(PY):
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11) and "velo needs Python 3.11+")'
@@ -48,7 +48,8 @@ env-readers:
 
 # The Compose and Tilt tests: a Docker engine (Debian docker.io, started if not running), the
 # Compose v2 plugin and tilt, both built from the Go module proxy (+ npm for tilt's web UI)
-# into ~/.cache/velo/tools/<tool>-<version> (cold: compose ~5 min, tilt ~15 min; then no-ops).
+# into ~/.cache/velo/tools/<tool>-<version> (cold, measured under load on 2 cores: compose 11 min,
+# tilt 37 min incl. its web UI; then no-ops).
 integration-tools:
 	@tests/docker/engine.sh >/dev/null || echo "no Docker engine: Docker tests will be skipped (an error under CI=true)"
 	@if command -v go >/dev/null; then tests/tools/compose.sh >/dev/null && tests/tools/tilt.sh >/dev/null; \
@@ -83,6 +84,10 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# direct vs velo per backend vs kubectl port-forward, loopback and emulated WAN (bench/README.md)
+bench-compare: $(STAMP) cluster-bins
+	$(PY) bench/compare.py
 
 clean:
 	rm -rf $(VENV) .hypothesis build *.egg-info

@@ -365,6 +365,9 @@ def run_wrk(wrk: str, url: str, connections: int, duration: int, close: bool = F
     latency = re.search(r"^\s+Latency\s+([\d.]+\w+)", out, re.M)
     if latency:
         result["lat_ms"] = _ms(latency.group(1))
+    p50 = re.search(r"^\s+50%\s+([\d.]+\w+)", out, re.M)
+    if p50:
+        result["p50_ms"] = _ms(p50.group(1))
     p99 = re.search(r"^\s+99%\s+([\d.]+\w+)", out, re.M)
     if p99:
         result["p99_ms"] = _ms(p99.group(1))

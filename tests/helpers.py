@@ -174,11 +174,10 @@ class Up:
         )
 
     def env(self) -> dict[str, str]:
-        env = {}
-        for line in (self.config.parent / ".env").read_text().splitlines():
-            key, _, value = line.partition("=")
-            env[key] = value.strip('"')
-        return env
+        """The env file as python-dotenv (a real reader of it) reads it."""
+        from dotenv import dotenv_values
+
+        return dict(dotenv_values(self.config.parent / ".env", interpolate=False))
 
     def port(self, service: str) -> int:
         status = self.status()
@@ -194,7 +193,7 @@ class Up:
 def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None = None,
                  local: dict[str, tuple[int, int]] | None = None, backend: str = "websocket",
                  extra: str = "", token_env: str = "VELO_TEST_TOKEN", settings: dict | None = None,
-                 free_ports: bool = False) -> Path:
+                 free_ports: bool = False, keepalive: tuple[float, float] = (1.0, 3.0)) -> Path:
     """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)}.
 
     ``settings`` are more keys of the backend's own table (e.g. ca_file). ``free_ports``
@@ -203,7 +202,7 @@ def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None 
     lines = [
         '[project]', 'name = "test"', '',
         '[tunnel]', f'token_env = "{token_env}"',
-        'reconnect_max_delay = 0.5', 'keepalive_interval = 1.0', 'keepalive_timeout = 3.0', '',
+        'reconnect_max_delay = 0.5', f'keepalive_interval = {keepalive[0]}', f'keepalive_timeout = {keepalive[1]}', '',
         f'[tunnel.{backend}]', f'url = "{gateway_url}"',
         *(f"{key} = {json.dumps(value)}" for key, value in (settings or {}).items()), '',
     ]

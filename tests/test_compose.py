@@ -86,10 +86,12 @@ APP_COMMAND = (
 def _project(tmp_path, procs, image, *, listen: str | None):
     """Remote service + gateway + velocity.toml + a compose file with service "app"."""
     remote = procs.server("http", text="from-the-cluster")
-    gateway = procs.gateway(f"127.0.0.1:{remote}")
     local_port, expose = free_port(), free_port()
-    extra = f'[remote]\nlisten = "{listen}"\n' if listen else ""
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{remote}"},
+    gateway = procs.gateway(f"127.0.0.1:{remote}", allow_reverse=(expose,))
+    # a pinned free local port: the hashed default is the same for every test run on this machine
+    extra = f'[remote.services.web]\ntarget = "127.0.0.1:{remote}"\nlocal_port = {free_port()}\n'
+    extra += f'[remote]\nlisten = "{listen}"\n' if listen else ""
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url,
                           local={"app": (local_port, expose)}, extra=extra)
     (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump({"services": {"app": {
         "image": image, "command": ["sh", "-c", APP_COMMAND], "expose": ["8080"], "stop_signal": "SIGKILL",
@@ -131,7 +133,12 @@ def test_container_with_the_override_reaches_the_cluster_and_answers_a_reverse_r
     project = f"velo-test-{uuid.uuid4().hex[:8]}"
     with get_docker_services("docker compose", [str(tmp_path / "docker-compose.yml"), str(override)],
                              project, ["up -d"], ["down -v -t 1"]) as services:
-        services.wait_until_responsive(lambda: all(_through_velo(expose)), timeout=90, pause=0.2)
+        try:
+            services.wait_until_responsive(lambda: all(_through_velo(expose)), timeout=90, pause=0.2)
+        except Exception:
+            logs = subprocess.run(["docker", "compose", "-p", project, "logs"], capture_output=True, text=True)
+            raise AssertionError(f"got {_through_velo(expose)} through velo; container log:\n{logs.stdout[-2000:]}"
+                                 f"\nvelo up log:\n{up.proc.log()[-3000:]}") from None
         page, fetched = _through_velo(expose)
     assert page.strip() == b"from-the-container"        # reverse: gateway -> velo -> published port
     assert fetched.strip() == b"from-the-cluster"        # forward: container -> velo -> gateway -> remote
@@ -165,9 +172,9 @@ def test_velo_up_compose_runs_the_project_and_stops_it(procs, tmp_path, image):
 def test_override_survives_compose_interpolation_and_bad_input_is_one_line(procs, tmp_path, image):
     remote = procs.server("http", text="x")
     gateway = procs.gateway(f"127.0.0.1:{remote}")
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{remote}"},
-                          local={"app": (free_port(), free_port())},
-                          extra='[env.vars]\nPASSWORD = "pa$$word${HOME}"\n')
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, local={"app": (free_port(), free_port())},
+                          extra=f'[remote.services.web]\ntarget = "127.0.0.1:{remote}"\nlocal_port = {free_port()}\n'
+                          '[env.vars]\nPASSWORD = "pa$$word${HOME}"\n')
 
     result = velo("compose", "-c", str(config), cwd=tmp_path)  # no compose file yet
     assert result.returncode == 2 and "no Compose file in" in result.stderr

@@ -8,17 +8,20 @@ The path under test is always  test -> velo up's listener -> tunnel -> gateway -
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
+import sys
+import time
 
 import psutil
 import pytest
 
-# Large transfers, 500 streams, the stalled reader, restarts, bad tokens and silent peers
-# are checked for every backend in tests/conformance/.
 from tests.helpers import TOKEN, free_port, http_get, status_cli, wait_for, write_config
 
+# Large transfers, 500 streams, the stalled reader, restarts, bad tokens and silent peers
+# are checked for every backend in tests/conformance/.
 MiB = 1 << 20
 KiB = 1 << 10
 
@@ -184,6 +187,34 @@ def test_gateway_frees_reverse_listener_when_client_dies_and_serves_the_next(pro
     up2 = procs.up(config2)
     wait_for(lambda: up2.status()["reverses"][0]["state"] == "listening", 10, "reverse listener for the next client")
     assert http_get(expose).endswith(b"second-laptop")
+
+
+def test_a_frozen_gateway_is_noticed_within_keepalive_timeout(procs, tmp_path):
+    """No FIN, no RST: the peer just stops answering (a frozen VM, a dead NAT entry).
+    keepalive_timeout is "seconds without an answer": the freeze must be noticed within
+    keepalive_timeout plus one keepalive_interval (before: up to timeout + 2 intervals)."""
+    interval, timeout = 2.0, 4.0
+    http = procs.server("http", text="alive")
+    gateway = procs.gateway(f"127.0.0.1:{http}")
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
+                          free_ports=True, keepalive=(interval, timeout))
+    up = procs.up(config)
+    frozen = time.monotonic()
+    gateway.proc.signal(signal.SIGSTOP)
+    try:
+        status = up.wait_state("reconnecting", timeout=timeout + interval + 5)
+        noticed = time.monotonic() - frozen
+        assert "no keepalive answer" in status["tunnel"]["last_error"]
+        # velo notices `timeout` after the peer's last byte; the documented ceiling is one
+        # interval more.  Halfway, so that the old timing (1-2 intervals late) cannot pass by a hair.
+        assert noticed < timeout + interval / 2, f"a frozen gateway was noticed after {noticed:.2f}s"
+    finally:
+        gateway.proc.signal(signal.SIGCONT)
+    up.wait_state("up", timeout=10)
+    assert http_get(up.port("web")).endswith(b"alive")
+
+
+# ---- bursts: nothing stalls, nothing is refused ------------------------------------------
 
 
 def test_full_send_queue_never_stalls_a_stream(procs):
@@ -391,3 +422,223 @@ def test_keepalive_timeout_mid_download_resets_the_local_connection(procs, tmp_p
             gateway.proc.signal(signal.SIGCONT)
     assert how == "reset"
     assert "no keepalive answer" in up.status()["tunnel"]["last_error"] or up.status()["tunnel"]["reconnects"] >= 1
+
+
+@pytest.mark.slow
+def test_reconnect_after_a_freeze_logs_one_line_per_event(procs, tmp_path):
+    """Downloads in flight, the gateway freezes, the client gives up on the tunnel and
+    reconnects, the gateway thaws: its old tunnel is gone with streams still sending.
+    Before: one "write() called after connection lost" line per write (hundreds)."""
+    up, gateway = _download_mesh(procs, tmp_path)
+    socks = [socket.create_connection(("127.0.0.1", up.port("blob"))) for _ in range(8)]
+    try:
+        for sock in socks:
+            sock.settimeout(30)
+            sock.recv(1 << 20)
+        gateway.proc.signal(signal.SIGSTOP)
+        try:
+            up.wait_state("reconnecting", timeout=15)
+        finally:
+            gateway.proc.signal(signal.SIGCONT)
+        up.wait_state("up", timeout=20)
+        gateway.proc.wait_log("attached", timeout=10)
+        wait_for(lambda: gateway.proc.log().count("attached") >= 2, 20, "the client's second tunnel")
+    finally:
+        for sock in socks:
+            sock.close()
+    log = gateway.proc.log()
+    assert "after connection lost" not in log, log[-2000:]
+    assert len(log.splitlines()) < 20, log
+
+
+@pytest.mark.slow
+def test_client_leaving_mid_download_logs_one_line_per_event(procs, tmp_path):
+    """`velo up` stops (a polite go-away) while downloads stream from the gateway's targets."""
+    up, gateway = _download_mesh(procs, tmp_path)
+    socks = [socket.create_connection(("127.0.0.1", up.port("blob"))) for _ in range(8)]
+    try:
+        for sock in socks:
+            sock.settimeout(30)
+            sock.recv(1 << 20)
+        up.proc.signal(signal.SIGTERM)
+        assert up.proc.wait(15) == 0
+        gateway.proc.wait_log("gone", timeout=15)
+        up2 = procs.up(up.config)  # and the next `velo up` of the same project is served
+        assert up2.status()["tunnel"]["state"] == "up"
+    finally:
+        for sock in socks:
+            sock.close()
+    log = gateway.proc.log()
+    assert "after connection lost" not in log, log[-2000:]
+    assert len(log.splitlines()) < 12, log
+
+
+# ---- the gateway trusts nothing ------------------------------------------------------------
+
+
+def test_reverse_port_outside_the_allow_list_is_refused(procs, tmp_path):
+    candidate = procs.server("http", text="local")
+    allowed, forbidden = free_port(), free_port()
+    gateway = procs.gateway(allow_reverse=[allowed])
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url,
+                          local={"ok": (candidate, allowed), "nope": (candidate, forbidden)})
+    up = procs.up(config)
+    states = wait_for(lambda: (r := {x["name"]: x["state"] for x in up.status()["reverses"]})
+                      and "pending" not in r.values() and r, 10, "both reverse answers")
+    assert states["ok"] == "listening"
+    assert "not allowed by the gateway's --allow-reverse" in states["nope"]
+    assert http_get(allowed).endswith(b"local")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", forbidden), timeout=2)
+    assert gateway.proc.log().count("not in --allow-reverse") == 1
+
+
+class Hostile:
+    """A peer with the token that speaks yamux by hand (velo.mux over a real WebSocket)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.session = None
+        self.resets: set[int] = set()
+        self.closed = None
+
+    async def connect(self):
+        from picows import WSListener, WSMsgType, ws_connect
+
+        from velo.mux import GoAwayReceived, Session, StreamReset
+
+        self.session = Session(client=True)
+        loop = asyncio.get_running_loop()
+        self.closed = loop.create_future()
+        outer = self
+
+        class Listener(WSListener):
+            def on_ws_frame(self, transport, frame):
+                if frame.msg_type == WSMsgType.BINARY:
+                    for event in outer.session.receive_data(frame.get_payload_as_bytes()):
+                        if isinstance(event, StreamReset):
+                            outer.resets.add(event.stream_id)
+                        elif isinstance(event, GoAwayReceived) and not outer.closed.done():
+                            outer.closed.set_result("go-away")
+
+            def on_ws_disconnected(self, transport):
+                if not outer.closed.done():
+                    outer.closed.set_result("disconnected")
+
+        self.ws, _ = await ws_connect(Listener, self.url, extra_headers={"Authorization": f"Bearer {TOKEN}"})
+        return self
+
+    def open(self, header: dict | bytes) -> int:
+        from velo import protocol
+
+        sid = self.session.open_stream()
+        self.session.send_data(sid, header if isinstance(header, bytes) else protocol.encode(header))
+        self.flush()
+        return sid
+
+    def send(self, sid: int, message: dict) -> None:
+        from velo import protocol
+
+        self.session.send_data(sid, protocol.encode(message))
+        self.flush()
+
+    def flush(self):
+        from picows import WSMsgType
+
+        data = self.session.data_to_send()
+        if data:
+            self.ws.send(WSMsgType.BINARY, data)
+
+
+async def _until(predicate, timeout: float = 10):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def test_caps_on_streams_header_control_and_tunnels(procs, tmp_path):
+    """Each cap: the offending stream or tunnel is closed, one log line, the gateway lives on
+    and keeps serving a well-behaved client."""
+    echo = procs.server("echo")
+    gateway = procs.gateway(f"127.0.0.1:{echo}", extra=["--limit", "streams=5", "--limit", "control=5",
+                                                       "--limit", "tunnels=3"])
+    connect = {"op": "connect", "host": "127.0.0.1", "port": echo}
+
+    async def main():
+        # streams per tunnel: the 6th and later are reset, the first five are not
+        peer = await Hostile(gateway.url).connect()
+        sids = [peer.open(connect) for _ in range(12)]
+        await _until(lambda: len(peer.resets) == 7)
+        assert peer.resets == set(sids[5:])
+        # header size: one stream with a 5 KiB header is reset (the tunnel stays)
+        big = await Hostile(gateway.url).connect()
+        sid = big.open(b"\x14\x00" + b" " * 0x1400)
+        await _until(lambda: sid in big.resets)
+        assert not big.closed.done()
+        # control messages: a flood of them closes that tunnel
+        chatty = await Hostile(gateway.url).connect()
+        control = chatty.open({"op": "control", "session": "hostile", "client": "x"})
+        for _ in range(10):
+            chatty.send(control, {"op": "reverse", "listeners": []})
+        assert await asyncio.wait_for(chatty.closed, 10)
+        # tunnels per token: three are open (peer, big, plus one), the next is turned away
+        third = await Hostile(gateway.url).connect()
+        fourth = await Hostile(gateway.url).connect()
+        assert await asyncio.wait_for(fourth.closed, 10) == "go-away"
+        assert not third.closed.done()
+        for hostile in (peer, big, third):
+            hostile.ws.disconnect()
+
+    asyncio.run(main())
+    log = gateway.proc.log()
+    assert log.count("more than 5 streams open") == 1, log
+    assert log.count("exceeds 4096") == 1, log
+    assert log.count("more than 5 control messages") == 1, log
+    assert log.count("tunnels are open") == 1, log
+    assert gateway.proc.running()
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"echo": f"127.0.0.1:{echo}"},
+                          free_ports=True)
+    up = procs.up(config)
+    assert echo_burst(up.port("echo"), 3, 1024) == {"ok": 3}
+
+
+def test_control_socket_directory_must_be_private(procs, tmp_path, monkeypatch):
+    """Another user (or a careless chmod) must not be able to plant the socket velo talks to."""
+    runtime = tmp_path / "runtime"
+    runtime.mkdir()
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))  # velo up and the test's status calls agree
+    base = runtime / f"velo-{os.getuid()}"
+    base.mkdir(mode=0o777)
+    base.chmod(0o777)
+    http = procs.server("http", text="x")
+    gateway = procs.gateway(f"127.0.0.1:{http}")
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
+                          free_ports=True)
+    proc = procs.start("up", [sys.executable, "-m", "velo", "up", "-c", str(config)], cwd=tmp_path)
+    assert proc.wait(30) != 0
+    assert f"{base} is open to other users (mode 777)" in proc.log(), proc.log()
+    assert "Traceback" not in proc.log()
+    base.chmod(0o700)
+    up = procs.up(config)
+    assert up.proc.running()
+
+
+def test_token_never_shows_in_repr_logs_errors_or_status(procs, tmp_path):
+    from velo.provider import Endpoint
+
+    secret = "s3cret-token-that-must-not-leak"
+    assert secret not in repr(Endpoint("websocket", "ws://gw/velo", secret))
+    http = procs.server("http", text="x")
+    gateway = procs.gateway(f"127.0.0.1:{http}", token=secret, extra=["--log-level", "debug"])
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, remote={"web": f"127.0.0.1:{http}"},
+                          free_ports=True, token_env="LEAKY_TOKEN")
+    up = procs.up(config, env={"LEAKY_TOKEN": secret})
+    assert http_get(up.port("web")).endswith(b"x")
+    gateway.proc.signal(signal.SIGKILL)  # errors and reconnect attempts get logged
+    up.wait_state("reconnecting")
+    status = status_cli(up.config)
+    assert secret not in json.dumps(status)
+    up.proc.stop()
+    for proc in procs.all:
+        assert secret not in proc.log(), f"the token is in {proc.name}'s log"

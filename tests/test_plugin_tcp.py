@@ -439,6 +439,41 @@ def test_plugin_setting_reaches_the_backend(plugin_installed, tcp_procs, echo, t
     assert ("keepalive" in lines[0]) is keepalive, lines[0]
 
 
+# ---- the preference order: every attempt tries it from the top -------------------------------------------
+
+
+def test_prefer_falls_back_and_returns_to_the_first_choice(plugin_installed, tcp_procs, echo, tmp_path):
+    """prefer = ["tcp", "websocket"]: tcp is down, so websocket carries the session and
+    status says why tcp was skipped; when the tunnel drops and tcp is up, the next attempt
+    uses tcp again (each backend with its own URL)."""
+    tcp_port = free_port()
+    ready = tmp_path / "ws-gateway.ready"
+    ws_gateway = tcp_procs.start("gateway", "gateway", "--listen", "ws://127.0.0.1:0/velo", "--allow",
+                                 f"127.0.0.1:{echo.port}", "--ready-file", str(ready))
+    ws_url = wait_for(lambda: ready.exists() and ready.read_text().strip(), 20, "the ws gateway")
+    config = write_config(tmp_path, backend="tcp", gateway_port=tcp_port, echo_port=echo.port, local_port=free_port())
+    config.write_text(config.read_text().replace('prefer = ["tcp"]', 'prefer = ["tcp", "websocket"]')
+                      + f'\n[tunnel.websocket]\nurl = "{ws_url}"\n')
+    up = tcp_procs.start("up", "up", "-c", str(config))
+    current = wait_status(tcp_procs, up, config, lambda s: s["tunnel"]["state"] == "up", 'tunnel state "up"')
+    tunnel = current["tunnel"]
+    assert tunnel["backend"] == "websocket" and tunnel["url"] == ws_url
+    assert [s["backend"] for s in tunnel["skipped"]] == ["tcp"]
+    assert f"tcp://127.0.0.1:{tcp_port}" in tunnel["skipped"][0]["reason"]
+    port = int(read_env_file(tmp_path / ".env")["ECHO_SERVICE_PORT"])
+    assert echo_roundtrip(port, b"via websocket\n") == b"via websocket\n"
+
+    start_gateway(tcp_procs, tmp_path, echo.port, port=tcp_port)
+    Procs.stop(ws_gateway)  # the tunnel drops; the next attempt starts from the top
+    back = wait_status(tcp_procs, up, config,
+                       lambda s: s["tunnel"]["state"] == "up" and s["tunnel"]["backend"] == "tcp", "tunnel via tcp")
+    assert back["tunnel"]["skipped"] == [] and back["tunnel"]["connects"] == 2
+    assert echo_roundtrip(port, b"via tcp\n") == b"via tcp\n"
+    log = next(path for name, proc, path in tcp_procs.started if proc is up).read_text()
+    assert "tunnel up via websocket" in log and "skipped tcp: tcp://127.0.0.1:" in log, log
+    assert "tunnel back via tcp" in log, log
+
+
 # ---- the wire protocol, against the real processes ---------------------------------------------------
 
 

@@ -225,18 +225,22 @@ def cmd_status(args) -> int:
         return 1
     if args.json:
         print(json.dumps({"running": True, **status}, indent=2))
+    elif args.ready:  # a probe's output lands in the orchestrator's log: one line
+        print(f"velo: {_not_ready(status) or 'ready'}")
     else:
         from rich.console import Console
 
         Console().print(status_table(status))
-    if args.ready and not _ready(status):
-        return 1
-    return 0
+    return 1 if args.ready and _not_ready(status) else 0
 
 
-def _ready(status: dict) -> bool:
-    """Tunnel up and every reverse route listening at the gateway (for readiness probes)."""
-    return status["tunnel"]["state"] == "up" and all(r["state"] == "listening" for r in status["reverses"])
+def _not_ready(status: dict) -> str:
+    """Why the session is not ready ("" when the tunnel is up and every reverse route listens)."""
+    tunnel = status["tunnel"]
+    if tunnel["state"] != "up":
+        return f"not ready: tunnel {tunnel['state']}" + (f" ({tunnel['last_error']})" if tunnel.get("last_error") else "")
+    waiting = [f"{r['name']} ({r['state']})" for r in status["reverses"] if r["state"] != "listening"]
+    return f"not ready: reverse {', '.join(waiting)}" if waiting else ""
 
 
 def _plan(config):
@@ -412,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
     config_arg(p)
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--ready", action="store_true",
-                   help="exit 1 unless the tunnel is up and every reverse route listens (a readiness probe)")
+                   help="a readiness probe: one line, exit 1 unless the tunnel is up and every reverse route listens")
 
     p = add("env", cmd_env, "print the environment velo gives the local candidate",
             "Print the environment variables of the plan (service addresses, candidate configuration, "

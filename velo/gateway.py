@@ -310,7 +310,10 @@ class Gateway:
         self.tunnels.discard(tunnel)
         for session_id, session in list(self.sessions.items()):
             if session.tunnel is tunnel:
-                log.info("session %s (%s) gone: %s", session_id, session.client, tunnel.close_reason)
+                if tunnel.reason_logged:  # the reason is on the line just before
+                    log.info("session %s (%s) gone", session_id, session.client)
+                else:
+                    log.info("session %s (%s) gone: %s", session_id, session.client, tunnel.close_reason)
                 session.detach()
                 del self.sessions[session_id]
 

@@ -9,6 +9,7 @@ by an address its certificate does not name.
 
 from __future__ import annotations
 
+import os
 import ssl
 
 
@@ -18,6 +19,8 @@ class TLSConfigError(Exception):
 
 def client_context(*, ca_file: str | None = None, alpn: list[str] | None = None) -> ssl.SSLContext:
     if ca_file:
+        if not os.path.isfile(ca_file):
+            raise TLSConfigError(f"ca_file {ca_file}: no such file")
         try:
             ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
         except (OSError, ssl.SSLError) as exc:
@@ -32,6 +35,14 @@ def client_context(*, ca_file: str | None = None, alpn: list[str] | None = None)
     if alpn:
         ctx.set_alpn_protocols(alpn)
     return ctx
+
+
+def explain(exc: ssl.SSLError) -> str:
+    """One line for a handshake failure, with the verifier's reason when there is one."""
+    detail = getattr(exc, "verify_message", None)
+    if detail:
+        return f"certificate verify failed: {detail}"
+    return str(exc.reason or exc)
 
 
 def for_endpoint(endpoint, *, secure: bool, alpn: list[str] | None = None) -> tuple[ssl.SSLContext | None, str | None]:
@@ -53,10 +64,11 @@ def for_endpoint(endpoint, *, secure: bool, alpn: list[str] | None = None) -> tu
 def server_context(cert_file: str, key_file: str, *, alpn: list[str] | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    for flag, path in (("--tls-cert", cert_file), ("--tls-key", key_file)):
+        if not os.path.isfile(path):
+            raise TLSConfigError(f"{flag} {path}: no such file")
     try:
         ctx.load_cert_chain(cert_file, key_file)
-    except FileNotFoundError as exc:
-        raise TLSConfigError(f"{exc.filename}: no such file") from None
     except (OSError, ssl.SSLError) as exc:
         raise TLSConfigError(
             f"--tls-cert {cert_file} / --tls-key {key_file}: not a usable certificate and key ({exc})"

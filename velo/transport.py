@@ -77,6 +77,9 @@ class Endpoint:
     """Extra request headers, e.g. the Kubernetes apiserver's Authorization."""
     label: str = ""
     """What `velo status` shows instead of the URL (e.g. "pod velo-proxy-abc")."""
+    problem: str = ""
+    """Why the provider could not prepare this backend now (no ready pod...): the client
+    counts it as this backend failing, with this reason, and tries the next one."""
 
     @property
     def shown(self) -> str:

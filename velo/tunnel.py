@@ -31,6 +31,7 @@ from velo.mux import (
     PongReceived,
     ProtocolError,
     Session,
+    SessionClosedError,
     StreamEnded,
     StreamOpened,
     StreamReset,
@@ -167,6 +168,8 @@ class Tunnel:
         self.max_accepting = max_accepting
         self.accepting = 0  # peer-opened streams still in header/dial
         self.dead = False   # torn down: nothing may be written to the pipe any more
+        self.reason_logged = False  # abort() already said why, once
+        self.going_away = False
         self.log_once = LogOnce()
 
     # ---- TunnelSink -------------------------------------------------------------
@@ -225,6 +228,7 @@ class Tunnel:
             elif kind is PingReceived:
                 pass  # the session queued the reply
             elif kind is GoAwayReceived:
+                self.going_away = True  # no new streams: `alive` is False from here on
                 self.close_reason = f"peer is going away (code {event.code})"
                 if self.pipe is not None:
                     self.loop.call_soon(self.pipe.close)
@@ -275,7 +279,7 @@ class Tunnel:
 
     @property
     def alive(self) -> bool:
-        return self.pipe is not None and not self.dead
+        return self.pipe is not None and not self.dead and not self.going_away
 
     @property
     def peer(self) -> str:
@@ -283,7 +287,13 @@ class Tunnel:
 
     def open(self, bridge: "Bridge", header: dict | bytes) -> None:
         """Attach a local connection as a new outgoing stream that starts with ``header``."""
-        sid = self.session.open_stream()
+        try:
+            sid = self.session.open_stream()
+        except SessionClosedError:  # the peer said go-away: this connection cannot be carried
+            bridge.stats.errors += 1
+            bridge.stats.last_error = "tunnel is closing"
+            bridge.tunnel_reset()
+            return
         self.streams[sid] = bridge
         bridge.attach(self, sid)
         data = protocol.encode_header(header)
@@ -319,6 +329,7 @@ class Tunnel:
         if self.dead or self.closed.done():
             return
         self.close_reason = reason
+        self.reason_logged = True
         log.warning("%s: closing tunnel: %s", self.label, reason)
         self._teardown()
         if self.pipe is not None:
@@ -345,6 +356,11 @@ class Tunnel:
                     self.pipe.write(view[start : start + MAX_WRITE])
         if self._starved and not self.paused:
             self._retry_starved()
+
+    def queue_full(self) -> bool:
+        """Did the session refuse bytes for lack of queue room (not window)?  Only asked
+        after a partial send; a session without a send queue limit (HTTP/2) says no."""
+        return getattr(self.session, "send_buffer_full", False)
 
     def starve(self, bridge: "Bridge") -> None:
         """``bridge`` holds bytes the full session queue refused; retry it after the next flush."""
@@ -550,7 +566,7 @@ class Bridge(asyncio.Protocol):
         if sent < len(data):
             self.pending = bytearray(memoryview(data)[sent:])
             self.pause_source()
-            if tunnel.session.send_buffer_full:
+            if tunnel.queue_full():
                 tunnel.starve(self)
         tunnel.schedule_flush()
 
@@ -564,7 +580,7 @@ class Bridge(asyncio.Protocol):
         if sent < len(data):
             self.pending = bytearray(memoryview(data)[sent:])
             self.pause_source()
-            if tunnel.session.send_buffer_full:
+            if tunnel.queue_full():
                 tunnel.starve(self)
         tunnel.schedule_flush()
 
@@ -707,7 +723,7 @@ class Bridge(asyncio.Protocol):
         if sent:
             del pending[:sent]
             tunnel.schedule_flush()
-        if pending and tunnel.session.send_buffer_full:
+        if pending and tunnel.queue_full():
             tunnel.starve(self)
         if not pending:
             self.pending = None

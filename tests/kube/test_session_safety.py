@@ -260,3 +260,17 @@ def test_drift_is_noticed_from_the_watch(cluster, namespace, shop, procs, tmp_pa
     svc = service(cluster, namespace)
     assert svc.spec.selector == {"app": "website"} and svc.spec.ports[0].target_port == "http"
     assert not any(k.startswith("velo.dev/") for k in (svc.metadata.annotations or {}))
+
+
+def test_ctrl_c_during_the_wait_leaves_nothing_behind(cluster, namespace, shop, procs, tmp_path, slow_start):
+    slow_start(60)
+    before = service(cluster, namespace).metadata.resource_version
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=free_port())
+    up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)}, wait_up=False)
+    up.proc.wait_log("velo: traffic-proxy velo-proxy-", timeout=60)  # the pod is there; waiting for the tunnel
+    assert velo_objects(cluster, namespace)
+    up.proc.signal(signal.SIGINT)
+    assert up.proc.wait(60) in (0, 1, 2, 130), up.proc.log()
+    assert "Traceback" not in up.proc.log(), up.proc.log()
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "every object of the interrupted start to be removed")
+    assert service(cluster, namespace).metadata.resource_version == before

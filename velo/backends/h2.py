@@ -43,6 +43,7 @@ import h2.errors
 import h2.events
 import h2.exceptions
 import h2.settings
+import hyperframe.frame
 
 from velo.hookspecs import hookimpl
 from velo.mux import (
@@ -72,10 +73,15 @@ from velo.transport import (
     TunnelSink,
 )
 
+# h2 formats every received frame for its trace log before the logger decides to drop
+# it (``repr(frame)`` in H2Connection._receive_frame), and a DATA frame's repr
+# hex-dumps its payload: half of the CPU a bulk transfer costs.  Name the size instead.
+hyperframe.frame.DataFrame._body_repr = lambda self: f"<{len(self.data)} data bytes>"
+
 FORWARD_AUTHORITY = "velo"
 REVERSE_AUTHORITY = "velo-reverse"
 PARKED = 8  # reverse streams the client keeps open at the gateway
-MAX_FRAME = 1 << 20
+MAX_FRAME = 256 << 10
 CONNECTION_WINDOW = 128 << 20  # per-stream windows are the real limit; this only must not be
 MAX_STREAMS = 1 << 16
 UNBOUND_BUFFER = 64 * 1024  # what a gateway-opened stream may queue before a parked stream binds it
@@ -330,6 +336,12 @@ class H2Session:
 
     def data_to_send(self) -> bytes:
         return self.conn.data_to_send()
+
+    @property
+    def send_buffer_full(self) -> bool:
+        """Never: only flow-control windows limit send_data here, and WINDOW_UPDATE (or the
+        binding of a waiting reverse stream) announces their room as WindowUpdated."""
+        return False
 
     def has_data_to_send(self) -> bool:
         return bool(self.conn._data_to_send)  # h2 has no public peek
@@ -604,7 +616,7 @@ class H2Backend(TunnelBackend):
         except (TimeoutError, asyncio.TimeoutError):
             raise TunnelError(f"{url}: no answer within {timeout:g}s") from None
         except ssl.SSLError as exc:
-            raise TunnelError(f"{url}: TLS failed: {exc.reason or exc}") from None
+            raise TunnelError(f"{url}: TLS failed: {tls.explain(exc)}") from None
         except TunnelError as exc:
             raise TunnelError(f"{url}: {exc.reason}") from None
         except (OSError, ConnectionError) as exc:

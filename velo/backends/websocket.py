@@ -22,7 +22,7 @@ from picows import (
     ws_create_server,
 )
 
-from velo.backends.wsdial import MAX_MESSAGE, dial
+from velo.backends.wsdial import MAX_MESSAGE, USE_AIOFASTNET, dial
 
 from velo.config.tables import BackendTable, url_for
 from velo import tls
@@ -38,6 +38,7 @@ from velo.transport import (
 )
 
 _DATA = (WSMsgType.BINARY, WSMsgType.CONTINUATION)
+WS_MESSAGE = 256 * 1024  # largest WebSocket message velo sends
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -86,7 +87,16 @@ class _WebSocketPipe(WSListener):
 
     # velo -> picows
     def write(self, data: bytes | memoryview) -> None:
-        self.ws.send(WSMsgType.BINARY, data)
+        # picows hands the far end a message only once all of it arrived, so one big message
+        # (a flush can be MBs) delays every frame and acknowledgement inside it by its whole
+        # transmission time; bounded messages keep the far end's view streaming.
+        if len(data) <= WS_MESSAGE:
+            self.ws.send(WSMsgType.BINARY, data)
+            return
+        view = memoryview(data)
+        send = self.ws.send
+        for start in range(0, len(view), WS_MESSAGE):
+            send(WSMsgType.BINARY, view[start : start + WS_MESSAGE])
 
     def pause_reading(self) -> None:
         self.ws.underlying_transport.pause_reading()
@@ -153,6 +163,7 @@ class WebSocketBackend(TunnelBackend):
             ssl=listen.ssl,
             max_frame_size=MAX_MESSAGE,
             logger_name="velo.websocket",
+            use_aiofastnet=USE_AIOFASTNET,
         )
 
 

@@ -11,7 +11,6 @@ open until picows's own handshake timer. Here the socket is created by our own
 from __future__ import annotations
 
 import asyncio
-import socket
 import ssl
 from http import HTTPStatus
 from typing import Callable, Mapping
@@ -21,39 +20,10 @@ from picows import WSHandshakeError, WSListener, ws_connect
 from velo.transport import TunnelError
 
 MAX_MESSAGE = 64 * 1024 * 1024
-
-
-async def _connected_socket(host: str, port: int, made: list[socket.socket]) -> socket.socket:
-    """Try each address in turn; every socket made is recorded so it can be shut on cancel."""
-    loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    if not infos:
-        raise OSError(f"cannot resolve {host}")
-    last: OSError | None = None
-    for family, kind, proto, _name, address in infos:
-        sock = socket.socket(family, kind, proto)
-        made.append(sock)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, address)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        except OSError as exc:
-            sock.close()
-            last = exc
-    raise last  # type: ignore[misc]
-
-
-def _shut(made: list[socket.socket], handed: list[socket.socket]) -> None:
-    """Shut every socket of the attempt; close the ones no transport owns yet (closing the
-    fd under a transport would confuse the loop, which closes it itself on the EOF)."""
-    for sock in made:
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        if sock.fileno() != -1 and not any(sock is h for h in handed):
-            sock.close()
+USE_AIOFASTNET = False
+"""picows uses aiofastnet's transports when that package is installed. Under uvloop they
+close sockets behind libuv's back: after ~1,000 quick reconnects `velo up` died in
+libuv's ``uv__epoll_ctl_flush`` abort() (libuv#5130). The loop's own transports do not."""
 
 
 async def dial(
@@ -72,14 +42,6 @@ async def dial(
     Failures become one-line ``TunnelError`` s (``auth=True`` for 401/403); a
     cancellation propagates unchanged after the socket was shut.
     """
-    made: list[socket.socket] = []
-    handed: list[socket.socket] = []
-
-    async def socket_factory(parsed) -> socket.socket:
-        sock = await _connected_socket(parsed.host, parsed.port, made)
-        handed.append(sock)
-        return sock
-
     try:
         async with asyncio.timeout(timeout):
             _transport, listener = await ws_connect(
@@ -90,15 +52,16 @@ async def dial(
                 websocket_handshake_timeout=timeout,
                 max_frame_size=MAX_MESSAGE,
                 max_redirects=0,
-                socket_factory=socket_factory,
                 logger_name=logger_name,
+                use_aiofastnet=USE_AIOFASTNET,
                 **({"server_hostname": server_hostname} if server_hostname and ssl_context else {}),
             )
+        if _transport.is_disconnected:
+            # picows resolves the handshake as done when the peer hangs up during it,
+            # and returns a listener that will never be connected.
+            raise TunnelError(f"{url}: connection closed during the WebSocket handshake")
         return listener
-    except BaseException as exc:
-        _shut(made, handed)
-        if isinstance(exc, asyncio.CancelledError) or not isinstance(exc, Exception):
-            raise
+    except Exception as exc:  # a cancellation propagates as it is
         raise _explain(url, exc, timeout, rejected) from None
 
 
@@ -117,7 +80,9 @@ def _explain(url: str, exc: Exception, timeout: float, rejected: str) -> TunnelE
     if isinstance(exc, TimeoutError):
         return TunnelError(f"{url}: no answer within {timeout:g}s")
     if isinstance(exc, ssl.SSLError):
-        return TunnelError(f"{url}: TLS failed: {exc.reason or exc}")
+        from velo.tls import explain
+
+        return TunnelError(f"{url}: TLS failed: {explain(exc)}")
     if isinstance(exc, OSError):
         return TunnelError(f"{url}: {exc.strerror or exc}")
     return TunnelError(f"{url}: {type(exc).__name__}: {exc}")

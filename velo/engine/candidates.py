@@ -175,7 +175,8 @@ class Candidate:
         self._running_env = dict(self.env)
         try:
             process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "velo.engine.guard", str(self.grace), "--", *self.argv,
+                # -P: the candidate's folder is not on sys.path (its own "velo" must not shadow ours)
+                sys.executable, "-P", "-m", "velo.engine.guard", str(self.grace), "--", *self.argv,
                 cwd=self.cwd, env=env, start_new_session=True, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
             )

@@ -29,7 +29,7 @@ from velo.mux import SessionClosedError
 from velo.plugins import get_backend
 from velo.provider import Endpoint
 from velo.transport import TunnelError
-from velo.tunnel import Bridge, StreamStats, Tunnel
+from velo.tunnel import Bridge, StreamStats, Tunnel, reset_transport
 
 log = logging.getLogger("velo.client")
 
@@ -110,7 +110,7 @@ class TunnelClient:
         for bridge, _header, timer in self._waiting:
             timer.cancel()
             if bridge.transport is not None:
-                bridge.transport.abort()
+                reset_transport(bridge.transport)
         self._waiting.clear()
 
     def restart(self) -> None:
@@ -127,6 +127,7 @@ class TunnelClient:
             return False
 
     async def _run(self) -> None:
+        self.state = "connecting"
         while not self._stopping:
             tunnel = await self._connect_once()
             if tunnel is not None:
@@ -142,7 +143,11 @@ class TunnelClient:
     async def _connect_once(self) -> Tunnel | None:
         """One pass over the preference order; the first backend that connects wins."""
         try:
-            endpoints = await self._endpoints()
+            async with asyncio.timeout(self.connect_timeout):  # a hung apiserver is a failed attempt
+                endpoints = await self._endpoints()
+        except TimeoutError:
+            self._not_connected(f"finding the gateway: no answer within {self.connect_timeout:g}s", [], auth=False)
+            return None
         except Exception as exc:  # a provider problem is shown, then retried
             self._not_connected(f"finding the gateway: {exc}", [], auth=False)
             return None
@@ -170,6 +175,8 @@ class TunnelClient:
         Whatever goes wrong, nothing is left open; a cancellation stays a cancellation,
         even when a backend wrapped it in another exception.
         """
+        if endpoint.problem:
+            raise TunnelError(endpoint.problem)
         backend = get_backend(endpoint.backend)
         tunnel = Tunnel(
             client=True,
@@ -272,7 +279,7 @@ class TunnelClient:
                 # and this connection waits for the new tunnel like any other.
                 tunnel.close(f"no new streams on this tunnel: {exc}")
         if self.wait_for_tunnel <= 0:
-            bridge.transport.abort()
+            reset_transport(bridge.transport)
             return
         timer = asyncio.get_running_loop().call_later(self.wait_for_tunnel, self._expire, bridge)
         self._waiting.append((bridge, header, timer))
@@ -282,7 +289,7 @@ class TunnelClient:
         bridge.stats.errors += 1
         bridge.stats.last_error = f"tunnel not back within {self.wait_for_tunnel:g}s"
         if bridge.transport is not None:
-            bridge.transport.abort()
+            reset_transport(bridge.transport)
 
     # ---- control stream ---------------------------------------------------------
 

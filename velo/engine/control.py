@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import socket
+import stat
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -23,6 +24,20 @@ def socket_path(project_root: Path) -> Path:
     return base / f"{digest}.sock"
 
 
+def check_private_dir(path: Path) -> None:
+    """The socket's directory must be ours and closed to others, or someone else could
+    have put a socket there (answering `velo status`, taking `velo down`) before us."""
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise RuntimeError(f"{path} should be a directory for velo's control socket but is not; remove it")
+    if st.st_uid != os.getuid():
+        raise RuntimeError(f"{path} belongs to uid {st.st_uid}, not to you (uid {os.getuid()}); "
+                           "remove it, velo makes its own")
+    if st.st_mode & 0o077:
+        raise RuntimeError(f"{path} is open to other users (mode {stat.S_IMODE(st.st_mode):o}); "
+                           f"run `chmod 700 {path}` or remove it")
+
+
 class ControlServer:
     def __init__(self, path: Path, handlers: dict[str, Callable[[dict], dict]]):
         self.path = path
@@ -31,6 +46,7 @@ class ControlServer:
 
     async def start(self) -> None:
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        check_private_dir(self.path.parent)
         if self.path.exists():
             if ping(self.path):
                 raise RuntimeError(f"another `velo up` is already running for this project ({self.path})")

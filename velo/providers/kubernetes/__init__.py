@@ -77,6 +77,7 @@ class KubernetesSession(ProviderSession):
         self.session = secrets.token_hex(5)
         self.token = secrets.token_urlsafe(32)
         self.started = False
+        self.portforward_port = TUNNEL_PORT + 1
         self.intercepted: list[str] = []
         self._warned: set[str] = set()  # warn once per Service, not on every re-discovery
         self._watch: watch.Watch | None = None
@@ -272,15 +273,20 @@ class KubernetesSession(ProviderSession):
     # ---- the in-cluster side -------------------------------------------------------
 
     async def endpoints(self) -> list[Endpoint]:
+        """Backends with a url (an Ingress) dial it; the others go through the apiserver's
+        pods/portforward to the session's pod, found again by its labels every time."""
+        from . import portforward
+
         tunnel = self.config.tunnel
         found = []
         for name in tunnel.preference:
             table = tunnel.table(name)
             if getattr(table, "url", None):
                 found.append(Endpoint(name, table.url, self.token, settings=table))
-        if not found:
-            raise ProviderError("[tunnel.websocket] url is needed to reach the traffic-proxy (an Ingress or "
-                                f"LoadBalancer to its port {TUNNEL_PORT})")
+            else:
+                found.append(await portforward.endpoint(
+                    self.conn, self.namespace, f"{ix.LABEL_SESSION}={self.session}", self.portforward_port,
+                    backend=name, token=self.token, settings=table))
         return found
 
     async def start(self, say, path_ready=None) -> None:
@@ -351,6 +357,7 @@ class KubernetesSession(ProviderSession):
         proxy_ports = sorted({r.gateway_port for r in inventory.reverses})
         tunnel_port = TUNNEL_PORT  # outside PROXY_PORTS
         self.tunnel_port = tunnel_port
+        self.portforward_port = TUNNEL_PORT + 1  # also outside PROXY_PORTS; reached on the pod's loopback
         for doc in docs:
             if doc["kind"] == "Deployment":
                 container = doc["spec"]["template"]["spec"]["containers"][0]
@@ -358,13 +365,15 @@ class KubernetesSession(ProviderSession):
                 aliases = sorted({f"{p.target_host}:{p.target_port}" for svc in inventory.services for p in svc.ports
                                   if not p.target_host.endswith(f".{self.namespace}.svc.cluster.local")})
                 container["args"] = [
-                    "--listen", f"ws://0.0.0.0:{tunnel_port}/velo", "--token-env", "VELO_TOKEN",
+                    "--listen", f"ws://0.0.0.0:{tunnel_port}/velo",
+                    "--listen", f"port-forward://127.0.0.1:{self.portforward_port}", "--token-env", "VELO_TOKEN",
                     "--allow", f"*.{self.namespace}.svc.cluster.local:*",
                     *[arg for alias in aliases for arg in ("--allow", alias)],
                     "--session", self.session, "--lease-check", "2",
                     *(arg for p in proxy_ports for arg in ("--allow-reverse", str(p))),
                 ]
-                container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port}] + [
+                container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port},
+                                      {"name": "velo-pf", "containerPort": self.portforward_port}] + [
                     {"containerPort": p} for p in proxy_ports
                 ]
                 pull_secrets = self.config.cluster.image_pull_secrets

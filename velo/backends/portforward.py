@@ -1,0 +1,327 @@
+"""Port-forward tunnel backend: the Kubernetes apiserver's ``pods/portforward``, from asyncio.
+
+No Ingress, no LoadBalancer, no ``kubectl`` subprocess: one WebSocket to the apiserver
+(subprotocol ``v4.channel.k8s.io``) reaches one port of the traffic-proxy pod, and velo's
+multiplexer rides inside that single connection, so every proxied connection shares it.
+The provider (``velo.providers.kubernetes``) says which pod, and hands over the URL of its
+``portforward`` subresource with the kubeconfig's credentials (``Endpoint.ssl_context``,
+``Endpoint.headers``); this module only speaks the protocol.
+
+Wire format of ``v4.channel.k8s.io`` for one port: every WebSocket message starts with a
+channel byte, 0 for data and 1 for errors; the server's first message on each channel is
+the port number as 2 little-endian bytes. An error channel message after that is the
+kubelet's text for a failed forward ("connection refused" and the like).
+
+Inside the forwarded stream, velo's gateway listens on ``port-forward://127.0.0.1:PORT``
+(loopback of the pod: only port-forward reaches it) and still wants the session token:
+``VELO/1 <token>\\n`` answered by ``OK\\n``, then the bytes are the multiplexer's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+
+from velo.backends.wsdial import dial
+from velo.config.tables import BackendTable
+from velo.hookspecs import hookimpl
+from velo.transport import (
+    Authenticator,
+    Endpoint,
+    GatewayListen,
+    SinkFactory,
+    TunnelBackend,
+    TunnelError,
+    TunnelSink,
+)
+
+log = logging.getLogger("velo.portforward")
+
+NAME = "port-forward"
+SUBPROTOCOL = "v4.channel.k8s.io"
+DATA, ERROR = 0, 1
+MAGIC = b"VELO/1"
+OK = b"OK\n"
+DENIED = b"DENIED\n"
+MAX_LINE = 1024
+GREETING_TIMEOUT = 5.0   # gateway side: seconds a client has to greet
+CLOSE_DEADLINE = 2.0     # a polite close that is not done by then is an abort (a hung apiserver)
+GREETING_MIN = 1.0
+"""The gateway's OK must come within max(this, 3 x the WebSocket dial time). A pod port with
+nothing listening yet (a pod Ready before its gateway binds, as kwok reports it) is not
+always refused through the apiserver: the stream can just stay silent, and waiting the
+whole connect timeout for it would delay following a new pod by that much."""
+
+
+class PortForwardTable(BackendTable):
+    """``[tunnel.port-forward]``: nothing to set; the provider finds the pod and the
+    credentials come from the kubeconfig."""
+
+
+class _PortForwardPipe(WSListener):
+    """One port-forward WebSocket as velo's TunnelPipe, after the in-stream greeting."""
+
+    def __init__(self, sink_factory: SinkFactory, token: str, label: str, done: asyncio.Future) -> None:
+        super().__init__()
+        self._sink_factory = sink_factory
+        self._token = token
+        self._label = label
+        self._done = done
+        self.sink: TunnelSink | None = None
+        self.ws: WSTransport | None = None
+        self.peer = label
+        self._port_seen = {DATA: False, ERROR: False}
+        self._greeting = bytearray()
+        self._write_paused = False
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # ---- picows -> velo ------------------------------------------------------------
+
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        self.ws = transport
+        transport.send(WSMsgType.BINARY, bytes([DATA]) + MAGIC + b" " + self._token.encode() + b"\n")
+
+    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
+        kind = frame.msg_type
+        if kind is WSMsgType.CLOSE:
+            transport.send_close(WSCloseCode.OK)
+            transport.disconnect()
+            return
+        if kind not in (WSMsgType.BINARY, WSMsgType.CONTINUATION) or frame.payload_size == 0:
+            return
+        payload = frame.get_payload_as_memoryview()
+        channel, data = payload[0], payload[1:]
+        if channel in self._port_seen and not self._port_seen[channel]:
+            self._port_seen[channel] = True  # the port number, 2 bytes, once per channel
+            data = data[2:]
+        if not data:
+            return
+        if channel == DATA:
+            if self.sink is not None:
+                self.sink.data_received(bytes(data))
+            else:
+                self._greeted(bytes(data))
+        elif channel == ERROR:
+            self._fail(TunnelError(f"{self._label}: {bytes(data).decode('utf-8', 'replace').strip()}"))
+
+    def on_ws_disconnected(self, transport: WSTransport) -> None:
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+        if self.sink is not None:
+            self.sink.connection_lost(None)
+        elif not self._done.done():
+            self._done.set_exception(TunnelError(f"{self._label}: closed during the velo handshake"))
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.sink is not None:
+            self.sink.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.sink is not None:
+            self.sink.resume_writing()
+
+    # ---- the greeting ---------------------------------------------------------------
+
+    def _greeted(self, data: bytes) -> None:
+        self._greeting += data
+        end = self._greeting.find(b"\n")
+        if end < 0:
+            if len(self._greeting) >= MAX_LINE:
+                self._fail(TunnelError(f"{self._label}: no velo gateway behind this port"))
+            return
+        line, rest = bytes(self._greeting[:end]), bytes(self._greeting[end + 1:])
+        self._greeting = bytearray()
+        if line == OK.rstrip():
+            if self._done.done():  # connect() gave up meanwhile
+                self.abort()
+                return
+            self._done.set_result(None)
+            sink = self._sink_factory()
+            self.sink = sink
+            sink.connection_made(self)
+            if self._write_paused:
+                sink.pause_writing()
+            if rest:
+                sink.data_received(rest)
+        elif line == DENIED.rstrip():
+            self._fail(TunnelError(f"{self._label}: the gateway rejected the token", auth=True))
+        else:
+            self._fail(TunnelError(f"{self._label}: unexpected reply {line[:60]!r} (is a velo gateway "
+                                   "listening on port-forward:// in the pod?)"))
+
+    def _fail(self, error: TunnelError) -> None:
+        if not self._done.done():
+            self._done.set_exception(error)
+        elif self.sink is not None:
+            log.warning("port-forward: %s", error.reason)
+        self.abort()
+
+    # ---- velo -> picows --------------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.ws.send(WSMsgType.BINARY, b"\x00" + data)
+
+    def pause_reading(self) -> None:
+        self.ws.underlying_transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.ws.underlying_transport.resume_reading()
+
+    def close(self) -> None:
+        """Polite, with a deadline: a hung apiserver must not keep the socket forever."""
+        if self.ws is not None and not self.ws.is_disconnected:
+            self.ws.send_close(WSCloseCode.OK)
+            self.ws.disconnect()
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self.abort)
+
+    def abort(self) -> None:
+        if self.ws is not None and not self.ws.is_disconnected:
+            self.ws.disconnect(graceful=False)
+
+
+class _GatewayPipe(asyncio.Protocol):
+    """Gateway side: a connection that came through port-forward, greeting first."""
+
+    def __init__(self, sink_factory: SinkFactory, authenticate: Authenticator) -> None:
+        self._sink_factory = sink_factory
+        self._authenticate = authenticate
+        self.sink: TunnelSink | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "port-forward"
+        self._buffer = bytearray()
+        self._deadline: asyncio.TimerHandle | None = None
+        self._write_paused = False
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        if peer:
+            self.peer = f"port-forward {peer[0]}:{peer[1]}"
+        self._deadline = asyncio.get_running_loop().call_later(GREETING_TIMEOUT, transport.abort)
+
+    def data_received(self, data: bytes) -> None:
+        if self.sink is not None:
+            self.sink.data_received(data)
+            return
+        self._buffer += data
+        end = self._buffer.find(b"\n")
+        if end < 0:
+            if len(self._buffer) >= MAX_LINE:
+                self.transport.abort()
+            return
+        line, rest = bytes(self._buffer[:end]), bytes(self._buffer[end + 1:])
+        self._buffer = bytearray()
+        if self._deadline is not None:
+            self._deadline.cancel()
+        magic, _, token = line.partition(b" ")
+        if magic != MAGIC:
+            self.transport.abort()
+            return
+        if not self._authenticate(token.strip().decode("utf-8", "replace") or None):
+            log.warning("port-forward: %s presented an invalid or missing token", self.peer)
+            self.transport.write(DENIED)
+            self.transport.close()
+            return
+        self.transport.write(OK)
+        self.sink = self._sink_factory()
+        self.sink.connection_made(self)
+        if self._write_paused:
+            self.sink.pause_writing()
+        if rest:
+            self.sink.data_received(rest)
+
+    def connection_lost(self, exc) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if self.sink is not None:
+            self.sink.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.sink is not None:
+            self.sink.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.sink is not None:
+            self.sink.resume_writing()
+
+    def write(self, data) -> None:
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def close(self) -> None:
+        self.transport.close()
+
+    def abort(self) -> None:
+        self.transport.abort()
+
+
+class PortForwardBackend(TunnelBackend):
+    name = NAME
+    schemes = ("port-forward",)
+    description = "Kubernetes pods/portforward through the apiserver (kubeconfig credentials, no Ingress)"
+
+    async def connect(self, endpoint: Endpoint, sink_factory: SinkFactory, *, timeout: float):
+        label = endpoint.shown
+        if not endpoint.url:
+            raise TunnelError(f"{label}: the provider gave no pods/portforward URL (port-forward needs the "
+                              "kubernetes provider)")
+        done = asyncio.get_running_loop().create_future()
+        pipe_holder: list[_PortForwardPipe] = []
+
+        def listener() -> _PortForwardPipe:
+            pipe = _PortForwardPipe(sink_factory, endpoint.token, label, done)
+            pipe_holder.append(pipe)
+            return pipe
+
+        headers = {"Sec-WebSocket-Protocol": SUBPROTOCOL, **dict(endpoint.headers)}
+        loop = asyncio.get_running_loop()
+        greeting = None
+        try:
+            async with asyncio.timeout(timeout):
+                started = loop.time()
+                await dial(endpoint.url, listener, timeout=timeout, headers=headers,
+                           ssl_context=endpoint.ssl_context, logger_name="velo.portforward",
+                           rejected="the apiserver rejected the kubeconfig credentials")
+                greeting = max(GREETING_MIN, 3 * (loop.time() - started))
+                async with asyncio.timeout(greeting):
+                    await done
+        except BaseException as exc:
+            for pipe in pipe_holder:
+                pipe.abort()
+            if isinstance(exc, TimeoutError):
+                if greeting is not None:
+                    raise TunnelError(f"{label}: no velo gateway answered on the pod's port within "
+                                      f"{greeting:.1f}s (still starting?)") from None
+                raise TunnelError(f"{label}: no answer through the apiserver within {timeout:g}s") from None
+            if isinstance(exc, TunnelError) and "(HTTP 403)" in exc.reason:
+                raise TunnelError(f"{label}: permission denied by the apiserver (HTTP 403); port-forward needs "
+                                  "the create verb on pods/portforward (`velo rbac` prints the Role)",
+                                  auth=True) from None
+            raise
+        return pipe_holder[0]
+
+    async def serve(self, listen: GatewayListen, authenticate: Authenticator, sink_factory: SinkFactory):
+        return await asyncio.get_running_loop().create_server(
+            lambda: _GatewayPipe(sink_factory, authenticate), listen.host, listen.port, reuse_address=True,
+        )
+
+
+@hookimpl
+def velo_tunnel_backends():
+    return [PortForwardBackend()]
+
+
+@hookimpl
+def velo_config_tables():
+    return {f"tunnel.{NAME}": PortForwardTable}
