@@ -12,6 +12,16 @@ POD = os.environ.get("HOSTNAME", "?")
 
 class Handler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
+        if self.path.startswith("/blob/"):  # N bytes, streamed (for bench/portforward.py)
+            size = int(self.path[len("/blob/"):])
+            self.send_response(200)
+            self.send_header("Content-Length", str(size))
+            self.end_headers()
+            chunk = b"x" * 65536
+            while size > 0:
+                self.wfile.write(chunk[:size])
+                size -= len(chunk)
+            return
         if self.path.startswith("/fetch?url="):
             url = urllib.parse.unquote(self.path.split("=", 1)[1])
             try:
