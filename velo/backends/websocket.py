@@ -22,7 +22,7 @@ from picows import (
     ws_create_server,
 )
 
-from velo.backends.wsdial import MAX_MESSAGE, USE_AIOFASTNET, dial
+from velo.backends.wsdial import MAX_MESSAGE, dial
 
 from velo.config.tables import BackendTable, url_for
 from velo import tls
@@ -163,7 +163,6 @@ class WebSocketBackend(TunnelBackend):
             ssl=listen.ssl,
             max_frame_size=MAX_MESSAGE,
             logger_name="velo.websocket",
-            use_aiofastnet=USE_AIOFASTNET,
         )
 
 

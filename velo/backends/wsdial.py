@@ -21,9 +21,12 @@ from velo.transport import TunnelError
 
 MAX_MESSAGE = 64 * 1024 * 1024
 USE_AIOFASTNET = False
-"""picows uses aiofastnet's transports when that package is installed. Under uvloop they
-close sockets behind libuv's back: after ~1,000 quick reconnects `velo up` died in
-libuv's ``uv__epoll_ctl_flush`` abort() (libuv#5130). The loop's own transports do not."""
+"""Client dials only. picows uses aiofastnet's transports when that package is installed;
+under uvloop, after ~1,000 quick reconnects `velo up` died in libuv's
+``uv__epoll_ctl_flush`` abort() (an fd closed behind libuv's back, libuv#5130); the loop's
+own transports do not. The gateway's server keeps picows's default: with the loop's
+transports there, tests/test_dataplane.py's 2,000 concurrent echoes lost connections
+(not investigated further)."""
 
 
 async def dial(
