@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -160,11 +161,31 @@ def test_velo_up_compose_runs_the_project_and_stops_it(procs, tmp_path, image):
         page, fetched = _through_velo(expose)
         assert (page.strip(), fetched.strip()) == (b"from-the-container", b"from-the-cluster")
 
-        proc.signal(15)
+        proc.signal(signal.SIGTERM)
         assert proc.wait(90) == 0, proc.log()[-3000:]
-        running = subprocess.run(["docker", "compose", "-p", project, "ps", "-q"], cwd=tmp_path,
-                                 capture_output=True, text=True, timeout=60).stdout.split()
-        assert running == [], "velo up left the project's containers running"
+        assert _running(project, tmp_path) == [], "velo up left the project's containers running"
+    finally:
+        _compose_down(project, tmp_path)
+
+
+def _running(project: str, cwd) -> list[str]:
+    return subprocess.run(["docker", "compose", "-p", project, "ps", "-q"], cwd=cwd,
+                          capture_output=True, text=True, timeout=60).stdout.split()
+
+
+def test_sigkill_of_velo_up_compose_stops_the_containers_too(procs, tmp_path, image):
+    config, _local_port, expose = _project(tmp_path, procs, image, listen=None)
+    project = f"velo-test-{uuid.uuid4().hex[:8]}"
+    proc = procs.start("up-compose", [sys.executable, "-m", "velo", "up", "--compose", "-c", str(config)],
+                       cwd=tmp_path, env={"COMPOSE_PROJECT_NAME": project})
+    try:
+        wait_for(lambda: _running(project, tmp_path), 120, f"the container to run; log:\n{proc.log()[-3000:]}",
+                 interval=0.5)
+        os.killpg(proc.pid, 0)  # still there
+        proc.signal(signal.SIGKILL)  # no cleanup code of velo runs
+        proc.wait(10)
+        wait_for(lambda: _running(project, tmp_path) == [], 90,
+                 "the containers to stop after velo up was killed", interval=0.5)
     finally:
         _compose_down(project, tmp_path)
 
@@ -197,3 +218,26 @@ def test_override_survives_compose_interpolation_and_bad_input_is_one_line(procs
     result = velo("compose", "-c", str(config), cwd=tmp_path)
     assert result.returncode == 2
     assert "compose.services.app: no Compose service 'website' (the project's services: app)" in result.stderr
+
+
+def test_velo_up_compose_stops_loudly_when_compose_fails_and_says_why_without_an_engine(procs, tmp_path, image):
+    config, _local_port, _expose = _project(tmp_path, procs, image, listen=None)
+
+    # no engine at that address: one clear line, exit 2, nothing started
+    result = velo("up", "--compose", "-c", str(config), cwd=tmp_path,
+                  env={"DOCKER_HOST": f"unix://{tmp_path}/no-such-docker.sock"}, timeout=120)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "cannot find the docker bridge (is the Docker engine running?)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+    # docker compose up itself fails (an image that does not exist and cannot be pulled here)
+    (tmp_path / "docker-compose.yml").write_text(yaml.safe_dump({"services": {"app": {
+        "image": "velo-test/no-such-image:0", "pull_policy": "never"}}}))
+    project = f"velo-test-{uuid.uuid4().hex[:8]}"
+    try:
+        result = velo("up", "--compose", "-c", str(config), cwd=tmp_path, env={"COMPOSE_PROJECT_NAME": project},
+                      timeout=180)
+    finally:
+        _compose_down(project, tmp_path)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "velo: docker compose up exited with code" in result.stdout

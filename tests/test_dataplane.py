@@ -642,3 +642,18 @@ def test_token_never_shows_in_repr_logs_errors_or_status(procs, tmp_path):
     up.proc.stop()
     for proc in procs.all:
         assert secret not in proc.log(), f"the token is in {proc.name}'s log"
+
+
+def test_client_killed_mid_reverse_download_resets_the_gateway_side_connection(procs, tmp_path):
+    """The gateway's side of the same rule: a cluster client downloading from the laptop
+    through a reverse port sees an RST when the laptop's `velo up` dies."""
+    candidate = procs.server("blob", size=512 * MiB)
+    expose = free_port()
+    gateway = procs.gateway(allow_reverse=[expose])
+    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url, local={"candidate": (candidate, expose)},
+                          free_ports=True)
+    up = procs.up(config)
+    wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")
+    with socket.create_connection(("127.0.0.1", expose)) as sock:
+        how, got = read_until_cut(sock, 4 * MiB, lambda: up.proc.signal(signal.SIGKILL))
+    assert (how, got < 512 * MiB) == ("reset", True), f"the cut transfer ended with {how} after {got} bytes"

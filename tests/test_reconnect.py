@@ -255,3 +255,34 @@ def test_second_ctrl_c_exits_at_once(procs, tmp_path):
     assert proc.popen.returncode == 130, proc.log()[-2000:]
     assert "second Ctrl-C" in proc.log()
     assert took < 2.0
+
+
+KUBECONFIG = """apiVersion: v1
+kind: Config
+clusters: [{{name: hung, cluster: {{server: "https://127.0.0.1:{port}", insecure-skip-tls-verify: true}}}}]
+users: [{{name: me, user: {{token: "t"}}}}]
+contexts: [{{name: hung, context: {{cluster: hung, user: me, namespace: shop}}}}]
+current-context: hung
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_stops_velo_up_while_waiting_for_a_hung_apiserver(procs, tmp_path):
+    """Start-up waits on the cluster (here an apiserver that accepts and never answers):
+    a stop must not wait for it."""
+    silent = SilentServer()
+    try:
+        kubeconfig = tmp_path / "kubeconfig"
+        kubeconfig.write_text(KUBECONFIG.format(port=silent.port))
+        config = tmp_path / "velocity.toml"
+        config.write_text('[project]\nname = "hung"\n[cluster]\nprovider = "kubernetes"\n')
+        proc = procs.start("up", [sys.executable, "-m", "velo", "up", "-c", str(config)], cwd=tmp_path,
+                           env={"KUBECONFIG": str(kubeconfig)})
+        wait_for(lambda: silent.conns, 20, "velo to connect to the apiserver")
+        proc.signal(signal.SIGTERM)
+        took = _stops_within(proc, 5.0)
+    finally:
+        silent.close()
+    assert "Traceback" not in proc.log(), proc.log()
+    assert proc.popen.returncode == 0 and "velo: stopping" in proc.log(), proc.log()  # a clean stop, not a kill
+    assert took < 5.0

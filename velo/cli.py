@@ -43,7 +43,7 @@ def _log_level(args) -> None:
 
 def cmd_up(args) -> int:
     from velo.engine.up import StartupError, Up
-    from velo.runtime import run
+    from velo.runtime import run_leaving_threads
 
     config = _config(args)
     _log_level(args)
@@ -75,7 +75,7 @@ def cmd_up(args) -> int:
             await up.stop()
         return 1 if up.fatal else 0
 
-    return run(main())
+    return run_leaving_threads(main())
 
 
 def cmd_run(args) -> int:

@@ -138,7 +138,7 @@ class ReverseListener:
         try:
             tunnel.open(bridge, {"op": protocol.OP_REVERSE, "name": self.name, "peer": f"{peer[0]}:{peer[1]}"})
         except SessionClosedError:  # the tunnel is going away; the client reconnects
-            transport.abort()
+            reset_transport(transport)
 
     def close(self) -> None:
         if self.server is not None:

@@ -53,7 +53,11 @@ class CuttableRelay:
             client.close()
             return
         upstream.settimeout(None)
-        with self._lock:
+        with self._lock:  # checked again: a cut() while we were connecting must cut this one too
+            if self.cut_off:
+                client.close()
+                upstream.close()
+                return
             self._open |= {client, upstream}
 
         def pump(src: socket.socket, dst: socket.socket) -> None:

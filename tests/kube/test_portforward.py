@@ -15,7 +15,7 @@ import pytest
 
 from tests.helpers import free_port, http_get, wait_for
 from tests.kube.ingress import request_via_service
-from tests.kube.shop import service as _service
+from tests.kube.shop import service
 from velo.providers.kubernetes import intercept as ix
 
 pytestmark = pytest.mark.cluster
@@ -25,7 +25,7 @@ def _config(path, namespace: str, candidate_port: int, tunnel: str = ""):
     """No [tunnel.websocket] url: the kubernetes provider's default is port-forward."""
     text = f"""
 [project]
-name = "shop"
+name = "pfshop"  # its own local ports: other test modules use "shop"
 
 [cluster]
 provider = "kubernetes"
@@ -49,8 +49,25 @@ port = {candidate_port}
     return path / "velocity.toml"
 
 
+def _session(cluster, namespace: str) -> str:
+    """The provider's session id, from the intercepted Service (velo intercepts once the tunnel works)."""
+    return wait_for(lambda: (service(cluster, namespace).metadata.annotations or {}).get(ix.ANN_SESSION), 30,
+                    "the Service to be intercepted")
+
+
 def _proxy_pods(cluster, namespace: str, session: str) -> list:
     return cluster.core.list_namespaced_pod(namespace, label_selector=f"{ix.LABEL_SESSION}={session}").items
+
+
+def _gateway_listening(cluster, namespace: str, pod: str) -> bool:
+    record = cluster.pod_process(namespace, pod)
+    if not record or not record.get("log"):
+        return False
+    try:
+        with open(record["log"], errors="replace") as log:
+            return "listening on " in log.read()
+    except OSError:
+        return False
 
 
 def _ready(pod) -> bool:
@@ -58,13 +75,13 @@ def _ready(pod) -> bool:
     return pod.status.phase == "Running" and conditions.get("Ready") == "True" and not pod.metadata.deletion_timestamp
 
 
-def test_whole_session_over_port_forward_with_no_url(cluster, namespace, shop, procs, tmp_path):  # noqa: F811
+def test_whole_session_over_port_forward_with_no_url(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="laptop via port-forward")
     config = _config(tmp_path / "p", namespace, laptop)
     up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     tunnel = up.status()["tunnel"]
     assert tunnel["backend"] == "port-forward", tunnel
-    session = _service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
+    session = _session(cluster, namespace)
     pod = _proxy_pods(cluster, namespace, session)[0].metadata.name
     assert tunnel["url"].startswith(f"pod {namespace}/{pod} port "), tunnel
 
@@ -87,13 +104,13 @@ def test_whole_session_over_port_forward_with_no_url(cluster, namespace, shop, p
     assert process.num_threads() < 20
 
 
-def test_deleted_traffic_proxy_pod_is_followed_within_3s_of_ready(cluster, namespace, shop, procs, tmp_path):  # noqa: F811
+def test_deleted_traffic_proxy_pod_is_followed_within_3s_of_ready(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="laptop")
     config = _config(tmp_path / "p", namespace, laptop)
     up = procs.up(config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     listener = up.port("backend")
     assert f"{namespace}/backend".encode() in http_get(listener)
-    session = _service(cluster, namespace).metadata.annotations[ix.ANN_SESSION]
+    session = _session(cluster, namespace)
     old = _proxy_pods(cluster, namespace, session)[0].metadata.name
 
     cluster.core.delete_namespaced_pod(old, namespace, grace_period_seconds=0)
@@ -101,6 +118,11 @@ def test_deleted_traffic_proxy_pod_is_followed_within_3s_of_ready(cluster, names
     new = wait_for(lambda: next((p.metadata.name for p in _proxy_pods(cluster, namespace, session)
                                  if p.metadata.name != old and _ready(p)), None),
                    90, "the Deployment's new traffic-proxy pod to be Ready", interval=0.05)
+    # kwok reports Ready before the pod runner has even started the process; a real kubelet
+    # waits for the Deployment's readiness probe (/healthz on the gateway). So "Ready" here
+    # is the pod Ready *and* its gateway listening, as a real cluster would report it.
+    wait_for(lambda: _gateway_listening(cluster, namespace, new), 60, "the new pod's gateway to listen",
+             interval=0.05)
     ready_at = time.monotonic()
     body = http_get(listener, timeout=10)  # the same local listener; waits for the tunnel
     took = time.monotonic() - ready_at
@@ -110,7 +132,7 @@ def test_deleted_traffic_proxy_pod_is_followed_within_3s_of_ready(cluster, names
     assert tunnel["state"] == "up" and new in tunnel["url"] and tunnel["reconnects"] >= 1, tunnel
 
 
-def test_unreachable_websocket_falls_back_to_port_forward_and_says_why(cluster, namespace, shop, procs,  # noqa: F811
+def test_unreachable_websocket_falls_back_to_port_forward_and_says_why(cluster, namespace, shop, procs,
                                                                        tmp_path):
     laptop = procs.server("http", text="laptop")
     closed = free_port()

@@ -48,7 +48,7 @@ DENIED = b"DENIED\n"
 MAX_LINE = 1024
 GREETING_TIMEOUT = 5.0   # gateway side: seconds a client has to greet
 CLOSE_DEADLINE = 2.0     # a polite close that is not done by then is an abort (a hung apiserver)
-GREETING_MIN = 1.0
+GREETING_MIN = 0.5
 """The gateway's OK must come within max(this, 3 x the WebSocket dial time). A pod port with
 nothing listening yet (a pod Ready before its gateway binds, as kwok reports it) is not
 always refused through the apiserver: the stream can just stay silent, and waiting the

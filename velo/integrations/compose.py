@@ -27,6 +27,8 @@ import logging
 import os
 import signal
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -203,9 +205,15 @@ def write(config, plan: Plan) -> tuple[Path, list[str]]:
 class ComposeRun:
     """`docker compose ... up` as a child of `velo up`, its output prefixed ``[compose]``.
 
-    Stopping sends SIGINT (compose's Ctrl-C: it stops the containers), then SIGKILL to its
-    process group after a grace period.
+    It runs under velo's guard process (``velo.engine.guard``), like a candidate: when velo
+    stops, or dies even by SIGKILL, compose gets SIGTERM (it then stops the containers),
+    and SIGKILL after the grace period. Its output goes to a file that velo follows, not to
+    a pipe: after a SIGKILL of velo a pipe would be broken, and compose, writing "stopping"
+    into it, would die of SIGPIPE and leave the containers running.
     """
+
+    GRACE = 30.0
+    FOLLOW_INTERVAL = 0.1
 
     def __init__(self, config, say: Callable[[str], None]):
         self.config = config
@@ -213,32 +221,57 @@ class ComposeRun:
         self.process: asyncio.subprocess.Process | None = None
         self.exit_code: int | None = None
         self._pump: asyncio.Task | None = None
+        self._reader = None  # compose's output file, already unlinked
 
     @property
     def command(self) -> list[str]:
-        return ["docker", *compose_args(self.config), "up", "--remove-orphans"]
+        return [sys.executable, "-m", "velo.engine.guard", str(self.GRACE), "--",
+                "docker", *compose_args(self.config), "up", "--remove-orphans"]
 
     async def start(self, on_exit: Callable[[int], None]) -> None:
-        self.process = await asyncio.create_subprocess_exec(
-            *self.command, cwd=self.config.root, start_new_session=True,
-            stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )
+        fd, name = tempfile.mkstemp(prefix="velo-compose-", suffix=".log")
+        self._reader = open(name, "rb")
+        os.unlink(name)  # nothing left behind, whatever happens to velo
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *self.command, cwd=self.config.root, start_new_session=True,
+                stdin=asyncio.subprocess.DEVNULL, stdout=fd, stderr=fd,
+            )
+        finally:
+            os.close(fd)
         self.say(f"velo: started docker compose up (pid {self.process.pid})")
         self._pump = asyncio.create_task(self._output(on_exit), name="docker compose up")
 
     async def _output(self, on_exit: Callable[[int], None]) -> None:
-        assert self.process is not None and self.process.stdout is not None
-        async for line in self.process.stdout:
-            self.say(f"[compose] {line.decode(errors='replace').rstrip()}")
-        self.exit_code = await self.process.wait()
+        assert self.process is not None and self._reader is not None
+        pending = b""
+        with self._reader as log_file:
+            while True:
+                exited = self.process.returncode is not None
+                chunk = log_file.read()
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    self.say(f"[compose] {line.decode(errors='replace').rstrip()}")
+                if exited and not chunk:
+                    break
+                if not chunk:
+                    try:
+                        await asyncio.wait_for(asyncio.shield(self.process.wait()), self.FOLLOW_INTERVAL)
+                    except asyncio.TimeoutError:
+                        pass
+        if pending:
+            self.say(f"[compose] {pending.decode(errors='replace').rstrip()}")
+        self.exit_code = self.process.returncode
         on_exit(self.exit_code)
 
-    async def stop(self, grace: float = 30.0) -> None:
+    async def stop(self) -> None:
         process = self.process
         if process is not None and process.returncode is None:
-            for signum, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 5.0)):
+            # the guard passes SIGTERM to compose and SIGKILLs the group after GRACE itself
+            for signum, wait in ((signal.SIGTERM, self.GRACE + 5), (signal.SIGKILL, 5.0)):
                 try:
-                    os.killpg(process.pid, signum) if signum == signal.SIGKILL else process.send_signal(signum)
+                    process.send_signal(signum) if signum == signal.SIGTERM else os.killpg(process.pid, signum)
                 except ProcessLookupError:
                     break
                 try:

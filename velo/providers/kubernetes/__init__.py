@@ -237,13 +237,25 @@ class KubernetesSession(ProviderSession):
         thread = threading.Thread(target=run, name="velo-watch-services", daemon=True)
         thread.start()
         last = None
+        failing = False
         while True:
             await changed.wait()
             await asyncio.sleep(0.2)  # coalesce a burst of events
             changed.clear()
-            if self.intercepted:
-                await self._mind_drift()
-            inventory = await self.inventory()
+            try:
+                if self.intercepted:
+                    await self._mind_drift()
+                inventory = await self.inventory()
+            except ProviderError as exc:  # a transient API error never ends the session: retry
+                if not failing:
+                    log.warning("re-reading the cluster failed: %s (retrying)", str(exc).splitlines()[0])
+                failing = True
+                await asyncio.sleep(2)
+                changed.set()
+                continue
+            if failing:
+                log.warning("reading the cluster works again")
+            failing = False
             if inventory != last:
                 last = inventory
                 yield inventory
