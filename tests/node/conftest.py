@@ -3,7 +3,7 @@
   proxy_image  (session)  `make image` (proxy/build-image.sh): the Docker engine, the local
                           Debian base, the image tagged as velo's default proxy_image.
   app_image    (session)  a sample app image on the same local base (tests/node/app/).
-  real_node    (session)  a control plane + a real kubelet/containerd/CNI/kube-proxy node
+  real_node    (package)  a control plane + a real kubelet/containerd/CNI/kube-proxy node
                           (tests/cluster/node.py) with both images imported. Opt-in: only
                           tests that take it start it.
 
@@ -108,7 +108,7 @@ class RealNodeHandle:
         self.apps = cluster.apps
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")  # stopped when tests/node is done, before the rest of the suite
 def real_node(request, proxy_image, app_image, pause_image) -> Iterator[RealNodeHandle]:
     reason = harness.netns_supported()[1]
     if reason:

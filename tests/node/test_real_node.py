@@ -27,7 +27,7 @@ import pytest
 from kubernetes import client
 from kubernetes.stream import portforward
 
-from tests.helpers import Up, http_get, wait_for
+from tests.helpers import Up, free_port, http_get, wait_for
 from tests.node.conftest import APP_IMAGE
 from velo.providers.kubernetes import intercept as ix
 
@@ -184,6 +184,13 @@ url = "{url}"
 
 [local.website]
 port = {laptop_port}
+
+# free local ports: other checkouts on this machine may run the same test (velo's defaults are stable)
+[remote.services.backend]
+local_port = {free_port()}
+
+[remote.services.client]
+local_port = {free_port()}
 """)
     return d / "velocity.toml"
 
