@@ -458,9 +458,11 @@ name = "velo-bench"
 provider = "static"
 
 [tunnel]
-backend = "websocket"
-url = "ws://127.0.0.1:{gw_port}/velo"
+prefer = ["websocket"]
 token_env = "VELO_TOKEN"
+
+[tunnel.websocket]
+url = "ws://127.0.0.1:{gw_port}/velo"
 
 [remote.services.web]
 target = "127.0.0.1:{nginx_port}"
