@@ -62,7 +62,7 @@ from velo.mux import (
 )
 from velo.mux.window import WindowTuner
 from velo import tls
-from velo.config.tables import BackendTable, url_for
+from velo.config.tables import TLSBackendTable, url_for
 from velo.transport import (
     Authenticator,
     Endpoint,
@@ -577,14 +577,10 @@ class _H2Pipe(asyncio.Protocol):
             self.transport.abort()
 
 
-class H2Table(BackendTable):
+class H2Table(TLSBackendTable):
     """``[tunnel.h2]``: the gateway's HTTP/2 endpoint (``http://`` h2c or ``https://``)."""
 
     url: url_for("http", "https")  # type: ignore[valid-type]
-    ca_file: str | None = None
-    """https://: trust only this CA bundle (PEM) instead of the system's trust store."""
-    server_name: str | None = None
-    """https://: the name the gateway's certificate must carry, if not the URL's host."""
 
 
 class H2Backend(TunnelBackend):

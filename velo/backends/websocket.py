@@ -24,7 +24,7 @@ from picows import (
 
 from velo.backends.wsdial import MAX_MESSAGE, dial
 
-from velo.config.tables import BackendTable, url_for
+from velo.config.tables import TLSBackendTable, url_for
 from velo import tls
 from velo.hookspecs import hookimpl
 from velo.transport import (
@@ -114,14 +114,10 @@ class _WebSocketPipe(WSListener):
             self.ws.disconnect(graceful=False)
 
 
-class WebSocketTable(BackendTable):
+class WebSocketTable(TLSBackendTable):
     """``[tunnel.websocket]``: where the gateway's WebSocket endpoint is (an Ingress, say)."""
 
     url: url_for("ws", "wss")  # type: ignore[valid-type]
-    ca_file: str | None = None
-    """wss://: trust only this CA bundle (PEM) instead of the system's trust store."""
-    server_name: str | None = None
-    """wss://: the name the gateway's certificate must carry, if not the URL's host."""
 
 
 class WebSocketBackend(TunnelBackend):

@@ -77,6 +77,16 @@ class BackendTable(PluginTable):
     """``[tunnel.<backend>]``. A ``url`` field, when the backend has one, is where it dials."""
 
 
+class TLSBackendTable(BackendTable):
+    """A backend table whose URL may use TLS: the two client-side TLS settings
+    `velo.tls.for_endpoint` reads (the same keys for every TLS backend)."""
+
+    ca_file: str | None = None
+    """TLS URLs: trust only this CA bundle (PEM) instead of the system's trust store."""
+    server_name: str | None = None
+    """TLS URLs: the name the gateway's certificate must carry, if not the URL's host."""
+
+
 class ProviderTable(PluginTable):
     """The provider's keys under ``[cluster]``."""
 
