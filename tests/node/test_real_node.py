@@ -4,9 +4,10 @@ same local base, both imported into the node's containerd (nothing is pulled).
 
   * `velo up` (kubernetes provider) creates the traffic-proxy; the kubelet runs it from the
     local store as UID 65532 with no capabilities; its readiness probe passes.
-  * The tunnel: until velo has its port-forward backend, `[tunnel.websocket] url` points at a relay
-    that opens, per connection, a port-forward to the ready traffic-proxy pod through the
-    apiserver and the REAL kubelet's streaming path (kubelet -> containerd CRI stream server).
+  * The tunnel, both ways a user gets one: velo's port-forward backend (no url: the provider's
+    default), and `[tunnel.websocket] url` pointing at a relay that opens, per connection, a
+    port-forward to the ready traffic-proxy pod. Both go through the apiserver and the REAL
+    kubelet's streaming path (kubelet -> containerd CRI stream server).
   * A forward request reaches the sample `backend` pod (cluster DNS -> ClusterIP -> kube-proxy).
   * A request from another pod to the candidate's ClusterIP reaches the laptop (kube-proxy ->
     the traffic-proxy pod -> tunnel).
@@ -161,7 +162,9 @@ def shop(real_node):
     ingress.close()
 
 
-def _config(tmp_path, url: str, laptop_port: int):
+def _config(tmp_path, url: str | None, laptop_port: int):
+    """``url`` None: no backend table, so the kubernetes provider's default (port-forward)."""
+    websocket = f'[tunnel.websocket]\nurl = "{url}"\n' if url else ""
     d = tmp_path / "p"
     d.mkdir()
     (d / "velocity.toml").write_text(f"""
@@ -179,9 +182,7 @@ reconnect_max_delay = 0.5
 keepalive_interval = 1.0
 keepalive_timeout = 3.0
 
-[tunnel.websocket]
-url = "{url}"
-
+{websocket}
 [local.website]
 port = {laptop_port}
 
@@ -207,10 +208,11 @@ def test_sample_app_runs_under_its_security_context(real_node, shop):
     assert "\nUid:\t65532\t" in status and "\nCapEff:\t0000000000000000" in status
 
 
-def test_velo_up_on_a_real_node_forward_reverse_and_container_restart(real_node, shop, procs, tmp_path):
+@pytest.mark.parametrize("tunnel", ["port-forward", "websocket-via-relay"])
+def test_velo_up_on_a_real_node_forward_reverse_and_container_restart(real_node, shop, procs, tmp_path, tunnel):
     core = real_node.core
     laptop = procs.server("http", text="hello from the laptop")
-    config = _config(tmp_path, shop.url, laptop)
+    config = _config(tmp_path, shop.url if tunnel == "websocket-via-relay" else None, laptop)
     # procs.up() allows 20 s to start; a loaded 2-core CI machine needs more for the first status
     proc = procs.start("up", [sys.executable, "-m", "velo", "up", "-c", str(config)],
                        env={"KUBECONFIG": real_node.kubeconfig}, cwd=config.parent)
@@ -230,7 +232,11 @@ def test_velo_up_on_a_real_node_forward_reverse_and_container_restart(real_node,
     proc_status = open(f"/proc/{pid}/status").read()
     assert "\nUid:\t65532\t" in proc_status and "\nCapEff:\t0000000000000000" in proc_status, proc_status
     assert "\nNoNewPrivs:\t1" in proc_status
-    assert shop.connections >= 1, "the tunnel went through the kubelet's port-forward"
+    if tunnel == "port-forward":
+        state = up.status()["tunnel"]
+        assert state["backend"] == "port-forward" and state["url"].startswith(f"pod {NS}/{proxy} "), state
+    else:
+        assert shop.connections >= 1, "the tunnel went through the relay's port-forward"
 
     # forward: laptop -> tunnel -> traffic-proxy pod -> DNS -> ClusterIP -> kube-proxy -> backend pod
     backend_pod = _ready_pod(core, "backend").metadata.name
