@@ -409,6 +409,9 @@ def garbage_case(wire: bytes, *, setup_stream: bool = True) -> ProtocolError:
         (HEADER.pack(0, TYPE_DATA, 0, 1, INITIAL_WINDOW + 1), "exceeds receive window"),
         (encode_frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 2, 0), "parity"),
         (encode_frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0), "existing"),
+        # found by the fuzzer: a reset stream's id opened again got the old stream's late credit
+        (encode_frame(TYPE_WINDOW_UPDATE, FLAG_RST, 1, 0) + encode_frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 1, 0), "reuses"),
+        (encode_frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 5, 0) + encode_frame(TYPE_WINDOW_UPDATE, FLAG_SYN, 3, 0), "reuses"),
         (encode_frame(TYPE_DATA, 0, 0, payload=b"x"), "stream 0"),
         (encode_frame(TYPE_PING, FLAG_SYN, 1, 0), "ping on stream"),
         (encode_frame(TYPE_PING, 0, 0, 0), "ping without"),

@@ -269,8 +269,11 @@ class Session:
                 raise ProtocolError(f"SYN on existing stream {sid}")
             if (sid & 1) == self._local_parity:
                 raise ProtocolError(f"peer opened stream {sid} with our parity")
-            if sid > self._peer_max_id:
-                self._peer_max_id = sid
+            if sid <= self._peer_max_id:
+                # Ids only grow: reopening one the peer already used (after a reset, say)
+                # would let its late data be credited to the new stream.
+                raise ProtocolError(f"SYN reuses stream id {sid}")
+            self._peer_max_id = sid
             if (
                 flags & FLAG_RST
                 or self._local_go_away
