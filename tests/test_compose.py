@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import uuid
 
 import pytest
@@ -50,10 +51,13 @@ def image() -> str:
     """The test image (busybox on FROM scratch), built from local files only."""
     if reason := _docker_missing():
         _skip_or_fail(f"Docker tests: {reason}")
-    out = subprocess.run([str(ROOT / "tests/docker/image.sh")], capture_output=True, text=True, timeout=300)
-    if out.returncode != 0:
-        _skip_or_fail(f"Docker tests: cannot build the test image: {out.stderr.strip().splitlines()[-1:]}")
-    return out.stdout.strip().splitlines()[-1]
+    for attempt in range(3):  # an engine busy with another suite's containers can refuse for a moment
+        out = subprocess.run([str(ROOT / "tests/docker/image.sh")], capture_output=True, text=True, timeout=300)
+        if out.returncode == 0:
+            return out.stdout.strip().splitlines()[-1]
+        time.sleep(2)
+    why = (out.stderr.strip() or out.stdout.strip() or f"exit code {out.returncode}").splitlines()[-3:]
+    _skip_or_fail(f"Docker tests: cannot build the test image: {' / '.join(why)}")
 
 
 def velo(*args, cwd=None, env=None, timeout=120) -> subprocess.CompletedProcess:

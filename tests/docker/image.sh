@@ -25,6 +25,9 @@ RUN ["/bin/busybox", "--install", "-s", "/bin"]
 ENV PATH=/bin
 CMD ["/bin/sh"]
 DOCKERFILE
-DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" "$CTX" >&2 2> >(grep -v -i 'deprecated\|legacy builder\|buildx' >&2)
+if ! out=$(DOCKER_BUILDKIT=0 docker build -q -t "$IMAGE" "$CTX" 2>&1); then
+  echo "velo-docker: docker build of $IMAGE failed: $(echo "$out" | grep -v -i 'deprecated\|legacy builder\|buildx' | tail -n 3)" >&2
+  exit 1
+fi
 echo "velo-docker: built $IMAGE" >&2
 echo "$IMAGE"
