@@ -259,8 +259,9 @@ def test_full_send_queue_never_stalls_a_stream(procs):
     assert collections.Counter(uvloop.run(main())) == {"ok": 200}
 
 
-@pytest.mark.slow
-def test_2000_concurrent_64kib_echoes_forward_and_reverse(procs, tmp_path):
+def _echo_mesh(procs, tmp_path):
+    """An echo target behind the gateway (forward "echo") and a local echo candidate behind
+    the gateway's reverse port ``expose``, with velo up between them."""
     echo = procs.server("echo")
     local_echo = procs.server("echo")
     expose = free_port()
@@ -270,6 +271,12 @@ def test_2000_concurrent_64kib_echoes_forward_and_reverse(procs, tmp_path):
                           free_ports=True)
     up = procs.up(config)
     wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")
+    return up, gateway, expose
+
+
+@pytest.mark.slow
+def test_2000_concurrent_64kib_echoes_forward_and_reverse(procs, tmp_path):
+    up, _gateway, expose = _echo_mesh(procs, tmp_path)
     assert echo_burst(up.port("echo"), 2000, 64 * KiB) == {"ok": 2000}       # forward
     assert echo_burst(expose, 2000, 64 * KiB) == {"ok": 2000}                # reverse
     wait_for(lambda: up.forward("echo")["open"] == 0, 30, "every forward stream to close")
@@ -300,15 +307,7 @@ def _listen_backlog(port: int) -> int:
 def test_2000_simultaneous_connects_are_all_accepted(procs, tmp_path):
     """All at once, as a load test or a connection pool warming up does: the kernel's accept
     queue must hold the burst (it had 100 places), on the forward and the reverse listeners."""
-    echo = procs.server("echo")
-    local_echo = procs.server("echo")
-    expose = free_port()
-    gateway = procs.gateway(f"127.0.0.1:{echo}", allow_reverse=[expose])
-    config = write_config(tmp_path / "velocity.toml", gateway_url=gateway.url,
-                          remote={"echo": f"127.0.0.1:{echo}"}, local={"candidate": (local_echo, expose)},
-                          free_ports=True)
-    up = procs.up(config)
-    wait_for(lambda: up.status()["reverses"][0]["state"] == "listening", 10, "reverse listener")
+    up, gateway, expose = _echo_mesh(procs, tmp_path)
     for port in (up.port("echo"), expose):
         # SIGSTOP: nothing accepts while the burst arrives, so the queue alone must hold it.
         owner = up.proc if port != expose else gateway.proc
