@@ -38,17 +38,18 @@ def velo_copy(dest: Path, *, protocol: int | None = None, version: str | None = 
 
 
 def velo_before_exchange(dest: Path) -> dict:
-    """The velo package as it was before the exchange (git history), for a process's env."""
+    """The velo package as it was before the exchange (git history), for a process's env; with
+    the velo-tcp plugin of the same commit, which the installed entry point then loads."""
     dest.mkdir()
     try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_EXCHANGE, "velo"],
+        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_EXCHANGE, "velo", "plugins/velo-tcp"],
                                  capture_output=True, check=True, timeout=60).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.fail(f"this test needs commit {BEFORE_EXCHANGE} from the repository's history "
                     f"(a full clone, or `git fetch --unshallow`): {exc}")
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True, timeout=60)
     assert "PROTOCOL" not in (dest / "velo" / "protocol.py").read_text()  # really from before
-    return {"PYTHONPATH": str(dest)}
+    return {"PYTHONPATH": f"{dest}:{dest / 'plugins' / 'velo-tcp'}"}
 
 
 def _rewrite(path: Path, pattern: str, replacement: str) -> None:

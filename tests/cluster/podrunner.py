@@ -18,7 +18,7 @@ What the process gets (like a container would):
     containerPort to that port, so port-forwarding through the apiserver reaches the process;
   * with a network namespace (see README.md): the process runs inside it, with a private
     /etc/hosts resolving Services (name, name.ns, name.ns.svc, name.ns.svc.cluster.local) to their
-    ClusterIPs; the apiserver is reached through the ``kubernetes`` Service IP (10.96.0.1:443),
+    ClusterIPs, and headless Services to their ready endpoints' pod IPs (EndpointSlices); the apiserver is reached through the ``kubernetes`` Service IP (10.96.0.1:443),
     relayed by this runner.
 
 stdout/stderr go to STATE_DIR/pods/<ns>_<pod>.log; STATE_DIR/pods/<ns>_<pod>.json describes the
