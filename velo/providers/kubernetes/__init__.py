@@ -305,8 +305,9 @@ class KubernetesSession(ProviderSession):
         def clock(at: float) -> str:
             return time.strftime("%H:%M:%S", time.localtime(at))
 
+        events = {name: event for name, event in sorted(self.drift_events.items()) if name in self.intercepted}
         notes, no_route = [], {}
-        for name, event in sorted(self.drift_events.items()):
+        for name, event in events.items():
             line = f"Service {name} was changed back by someone else at {clock(event['at'])}"
             if event["times"] > 1:
                 line += f" ({event['times']} times this session)"
@@ -315,14 +316,12 @@ class KubernetesSession(ProviderSession):
             elif event["state"] == "intercepted again":
                 line += "; it points at this laptop again"
             else:
-                why = ('changed back by someone else (cluster.on_drift = "warn")' if event["state"] == "no route"
-                       else event["state"])
-                no_route[name] = why
+                no_route[name] = "changed back by someone else"  # short: a table cell; the note says more
                 line += (": its traffic goes to its own pods, not this laptop (cluster.on_drift = \"warn\"; "
                          "restart `velo up` to intercept it again)" if event["state"] == "no route"
                          else f": no route to this laptop ({event['state']})")
             notes.append(line)
-        return {"drift": [dict(e) for _, e in sorted(self.drift_events.items())], "notes": notes, "no_route": no_route}
+        return {"drift": [dict(e) for e in events.values()], "notes": notes, "no_route": no_route}
 
     # ---- the in-cluster side -------------------------------------------------------
 
