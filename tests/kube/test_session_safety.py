@@ -184,7 +184,7 @@ def test_a_live_tunnel_keeps_the_session_while_the_laptop_cannot_reach_the_apise
         assert intercepted(cluster, namespace)
         before = session_lease(cluster, namespace).metadata.resource_version
         relay.cut()
-        up.proc.wait_log("renewing the lease failed", timeout=6 * lease_seconds)
+        up.proc.wait_log("the cluster API is failing", timeout=6 * lease_seconds)
         outage = time.monotonic()
         # Several leases without a renewal; the tunnel stays up and keeps carrying requests.
         while time.monotonic() - outage < 3 * lease_seconds:
@@ -369,7 +369,7 @@ def test_the_apiserver_terminated_for_30s_and_started_again_ends_nothing(cluster
     started, outage_ok = time.monotonic(), False
     harness.stop_component("kube-apiserver")
     try:
-        gone = time.monotonic()
+        gone, gone_wall = time.monotonic(), time.time()
         print(f"apiserver terminated in {gone - started:.1f}s")
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", api_port), timeout=5)
@@ -399,7 +399,7 @@ def test_the_apiserver_terminated_for_30s_and_started_again_ends_nothing(cluster
         harness.start_component("kube-apiserver")
         if not outage_ok:  # the tests that come next share this cluster
             harness.wait_clients_reconnected()
-    ready, ready_wall = time.monotonic(), time.time()
+    ready = time.monotonic()
     print(f"apiserver down {ready - gone:.1f}s, ready again")
     deadline = ready + 10
     try:
@@ -409,9 +409,10 @@ def test_the_apiserver_terminated_for_30s_and_started_again_ends_nothing(cluster
         created = time.monotonic()
         wait_until(deadline, lambda: up.port("after"), "the watch to see a Service created after the restart")
         seen = time.monotonic()
-        renewed = wait_until(deadline, lambda: (lease := session_lease(cluster, namespace))
-                             and lease.spec.renew_time.timestamp() > ready_wall and lease,
-                             "the Lease to be renewed after the restart")
+        # stamped after the apiserver was gone, so written to the one started again
+        wait_until(deadline, lambda: session_lease(cluster, namespace).spec.renew_time.timestamp() > gone_wall,
+                   "the Lease to be renewed after the restart (its renewTime advances)")
+        renewed = time.monotonic()
         wait_until(deadline, lambda: "Service website was changed back by someone else" in up.proc.log(),
                    "velo to notice the drift")
         wait_until(deadline, lambda: intercepted(cluster, namespace), "velo to intercept the Service again")
@@ -419,7 +420,7 @@ def test_the_apiserver_terminated_for_30s_and_started_again_ends_nothing(cluster
                    "`velo status` to show the cluster API working again")
         done = time.monotonic()
         print(f"after the apiserver was ready: new Service forwarded {seen - created:.1f}s after its creation, "
-              f"lease renewed {renewed.spec.renew_time.timestamp() - ready_wall:.1f}s, drift reapplied and status ok "
+              f"lease renewed by {renewed - ready:.1f}s, drift reapplied and status ok "
               f"by {done - ready:.1f}s")
         assert f"{namespace}/after".encode() in http_get(up.port("after"), timeout=10)
     finally:
