@@ -442,3 +442,30 @@ def test_the_apiserver_terminated_for_30s_and_started_again_ends_nothing(cluster
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
     assert service(cluster, namespace).spec.selector == {"app": "website"}
+
+
+def test_the_sessions_lease_deleted_by_hand_stops_the_session_with_one_line(cluster, namespace, shop, procs,
+                                                                              tmp_path):
+    """The Lease renewal is a background task of the session; its Lease deleted by hand (`kubectl
+    delete lease`, a teammate's cleanup script) is not a blip to ride out: the renewal fails
+    for real, and velo stops loudly, with one line, within a renewal interval, restoring what
+    it changed; it never keeps running without a Lease."""
+    lease_seconds = 6
+    laptop = procs.server("http", text="laptop")
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    assert intercepted(cluster, namespace)
+    lease = session_lease(cluster, namespace).metadata.name
+    coordination(cluster).delete_namespaced_lease(lease, namespace)
+    deleted = time.monotonic()
+    code = up.proc.wait(lease_seconds + 60)
+    print(f"velo up stopped {time.monotonic() - deleted:.1f}s after its Lease was deleted (lease {lease_seconds}s)")
+    log_text = up.proc.log()
+    assert code == 1, log_text
+    line = f"velo: this session's Lease {lease} is gone (it lapsed while this laptop was away, or someone deleted it)"
+    assert log_text.count(line) == 1 and "Traceback" not in log_text, log_text
+    said = next(entry for entry in log_text.splitlines() if entry.startswith(line))
+    assert said.endswith("run `velo up` again; stopping"), said
+    svc = service(cluster, namespace)
+    assert svc.spec.selector == {"app": "website"} and svc.spec.ports[0].target_port == "http"
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")

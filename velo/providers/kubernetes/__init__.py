@@ -502,8 +502,9 @@ class KubernetesSession(ProviderSession):
                     {"spec": {"renewTime": _micro_now()}}, _request_timeout=(5, 10))
             except ApiException as exc:
                 if exc.status == 404:
-                    raise ProviderError("this session's lease is gone: it lapsed (was the laptop asleep?) or was "
-                                        "deleted, and the cluster restores the Services; run `velo up` again") from None
+                    raise ProviderError(f"this session's Lease {name} is gone (it lapsed while this laptop was "
+                                        "away, or someone deleted it): the session ends and its Services are "
+                                        "restored; run `velo up` again") from None
                 failure = exc
             except Exception as exc:  # noqa: BLE001 - the apiserver is away: try again soon, the lease has slack
                 failure = exc
