@@ -309,6 +309,8 @@ def test_the_apiserver_stopped_for_30s_ends_nothing(cluster, namespace, shop, pr
                 sock.sendall(REQUEST)
                 assert b"laptop through the outage" in b"".join(iter(lambda: sock.recv(65536), b""))
             time.sleep(1)
+        # a hung apiserver is a degraded state too: calls time out instead of being refused
+        assert up.status()["cluster"]["api"]["state"] == "failing", up.proc.log()[-2000:]
     finally:
         os.kill(apiserver, signal.SIGCONT)
     back = time.monotonic()
@@ -321,6 +323,8 @@ def test_the_apiserver_stopped_for_30s_ends_nothing(cluster, namespace, shop, pr
     finally:
         cluster.stop_in_cluster_service("after", namespace)
     assert intercepted(cluster, namespace) and up.status()["tunnel"]["state"] == "up"
+    wait_for(lambda: up.status()["cluster"]["api"]["state"] == "ok", 10, "the cluster API state to be ok again")
+    assert up.proc.log().count("the cluster API is failing") == 1, up.proc.log()[-3000:]
     held.close()
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
