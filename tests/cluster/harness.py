@@ -677,7 +677,9 @@ class Cluster:
     # ---- one component down and back (an apiserver restart during a test) -------------------
     def stop_component(self, name: str, grace: float = 20) -> None:
         """Terminate one component (SIGTERM, SIGKILL after ``grace``) and wait until it is gone:
-        for kube-apiserver, connections to its port are refused from then on."""
+        for kube-apiserver, connections to its port are refused from then on.  (On SIGTERM the
+        apiserver closes its listener at once, then drains for about 60 s before it exits; the
+        grace cuts that short.)"""
         rec = read_pidfile(self.pids / f"{name}.pid")
         if rec is None or not pid_alive(*rec):
             raise ClusterError(f"{name} is not running")
