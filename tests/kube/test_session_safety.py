@@ -473,3 +473,35 @@ def test_the_sessions_lease_deleted_by_hand_stops_the_session_with_one_line(clus
     svc = service(cluster, namespace)
     assert svc.spec.selector == {"app": "website"} and svc.spec.ports[0].target_port == "http"
     wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")
+
+
+def test_a_dropped_api_connection_is_resumed_at_once_and_quietly(cluster, namespace, shop, procs, tmp_path):
+    """Something between the laptop and the apiserver resets every connection once (a proxy's
+    idle timeout, a VPN that reconnects): the Service watch lists again at once and sees what
+    changes next, without a word, because one reset is not an outage."""
+    from urllib.parse import urlsplit
+
+    api = urlsplit(cluster.server)
+    relay = CuttableRelay(api.hostname, api.port)
+    try:
+        kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig",
+                                        server=f"https://127.0.0.1:{relay.port}")
+        config = kube_config(tmp_path / "p", namespace, shop.url)
+        up = kube_up(procs, config, env={"KUBECONFIG": str(kubeconfig)})
+        time.sleep(6)  # a watch that has worked for a while (not one that fails at once)
+        relay.cut()
+        relay.mend()
+        cut = time.monotonic()
+        cluster.start_in_cluster_service("late", namespace, kind="http", port=80)
+        try:
+            wait_for(lambda: up.port("late"), 20, f"the watch to see a Service created after the reset; log:\n"
+                                                  f"{up.proc.log()[-2000:]}", interval=0.2)
+            print(f"a Service created after the reset was forwarded {time.monotonic() - cut:.1f}s after it")
+        finally:
+            cluster.stop_in_cluster_service("late", namespace)
+        assert "cluster API is failing" not in up.proc.log(), up.proc.log()[-2000:]
+        assert up.status()["cluster"]["api"]["state"] == "ok"
+        up.proc.signal(signal.SIGTERM)
+        assert up.proc.wait(60) == 0
+    finally:
+        relay.close()
