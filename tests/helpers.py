@@ -190,20 +190,21 @@ class Up:
         return next(f for f in self.status()["forwards"] if f["name"].split("/")[0] == service)
 
 
-def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None = None,
+def write_config(path: Path, *, gateway_url: str | None, remote: dict[str, str] | None = None,
                  local: dict[str, tuple[int, int]] | None = None, backend: str = "websocket",
                  extra: str = "", token_env: str = "VELO_TEST_TOKEN", settings: dict | None = None,
                  free_ports: bool = False, keepalive: tuple[float, float] = (1.0, 3.0)) -> Path:
     """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)}.
 
-    ``settings`` are more keys of the backend's own table (e.g. ca_file). ``free_ports``
+    ``settings`` are more keys of the backend's own table (e.g. ca_file; no ``gateway_url``:
+    the table names the gateway otherwise, e.g. port-forward's pod). ``free_ports``
     pins each remote's local port to a free one instead of velo's stable default, for
     tests that run while other checkouts run the same test on this machine."""
     lines = [
         '[project]', 'name = "test"', '',
         '[tunnel]', f'token_env = "{token_env}"',
         'reconnect_max_delay = 0.5', f'keepalive_interval = {keepalive[0]}', f'keepalive_timeout = {keepalive[1]}', '',
-        f'[tunnel.{backend}]', f'url = "{gateway_url}"',
+        f'[tunnel.{backend}]', *([f'url = "{gateway_url}"'] if gateway_url else []),
         *(f"{key} = {json.dumps(value)}" for key, value in (settings or {}).items()), '',
     ]
     for name, (port, expose) in (local or {}).items():
