@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import datetime
 import importlib.metadata
-import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import Procs, write_config
-from velo.backends.portforward import DEFAULT_PORT
+from tests.helpers import KwokPod, Procs, write_config
 
 SERVER_NAME = "gateway.velo.test"
 
@@ -109,51 +107,6 @@ def backend(request) -> BackendCase:
         except importlib.metadata.PackageNotFoundError:
             pytest.fail(f"{case.plugin} is not installed: run `make install` (it installs plugins/ too)")
     return case
-
-
-class KwokPod:
-    """A pod on the kwok node whose pods/portforward reaches a port of this machine (a kwok
-    ``PortForward`` of the same name), standing in for a pod a user runs `velo gateway` in."""
-
-    def __init__(self, cluster, namespace: str) -> None:
-        self.cluster, self.namespace = cluster, namespace
-        self.name = f"conf-gateway-{secrets.token_hex(3)}"
-        self.port = DEFAULT_PORT  # the table's default, so the config need not say it
-        self.target: int | None = None
-
-    def forward_to(self, target: int) -> None:
-        """The pod exists and is Ready, and its port goes to 127.0.0.1:``target``."""
-        from kubernetes import client
-
-        body = {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "PortForward",
-                "metadata": {"name": self.name, "namespace": self.namespace},
-                "spec": {"forwards": [{"ports": [self.port], "target": {"address": "127.0.0.1", "port": target}}]}}
-        custom = self.cluster.custom
-        if self.target is None:
-            self.cluster.core.create_namespaced_pod(self.namespace, client.V1Pod(
-                metadata=client.V1ObjectMeta(name=self.name),
-                spec=client.V1PodSpec(node_name=self.cluster.node_name, containers=[client.V1Container(
-                    name="gateway", image="registry.invalid/velo-gateway",
-                    ports=[client.V1ContainerPort(container_port=self.port)])])))
-            custom.create_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", self.namespace, "portforwards", body)
-            self.cluster.kubectl("wait", "--for=condition=Ready", f"pod/{self.name}", "-n", self.namespace,
-                                 "--timeout=60s", timeout=90)
-        elif target != self.target:
-            custom.patch_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", self.namespace, "portforwards",
-                                                  self.name, {"spec": body["spec"]})
-        self.target = target
-
-    def delete(self) -> None:
-        if self.target is None:
-            return
-        for delete in (lambda: self.cluster.custom.delete_namespaced_custom_object(
-                           "kwok.x-k8s.io", "v1alpha1", self.namespace, "portforwards", self.name),
-                       lambda: self.cluster.core.delete_namespaced_pod(self.name, self.namespace,
-                                                                       grace_period_seconds=0)):
-            try:
-                delete()
-            except Exception:  # noqa: BLE001 - the namespace goes at the end of the module anyway
-                pass
 
 
 @dataclass

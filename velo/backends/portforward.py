@@ -377,7 +377,7 @@ class PortForwardBackend(TunnelBackend):
                 raise TunnelError(f"{label}: no answer through the apiserver within {timeout:g}s") from None
             if isinstance(exc, TunnelError) and "(HTTP 403)" in exc.reason:
                 raise TunnelError(f"{label}: permission denied by the apiserver (HTTP 403); port-forward needs "
-                                  "the create verb on pods/portforward (`velo rbac` prints the Role)",
+                                  "the get and create verbs on pods/portforward (`velo rbac` prints the Role)",
                                   auth=True) from None
             raise
         return pipe_holder[0]

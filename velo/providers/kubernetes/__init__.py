@@ -56,9 +56,10 @@ def rbac_role(namespace: str = "NAMESPACE") -> str:
             {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "delete"]},
             {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
              "verbs": ["create", "delete"]},
-            # waiting for the traffic-proxy pod; the port-forward tunnel to it
+            # waiting for the traffic-proxy pod; the port-forward tunnel to it (a WebSocket
+            # upgrade is a GET, and since Kubernetes 1.35 is also authorized as create)
             {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
-            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
             # the candidate's workload (get, list); the traffic-proxy (create, scale up, delete)
             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create", "patch", "delete"]},
             {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get", "list"]},
