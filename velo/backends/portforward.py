@@ -416,7 +416,9 @@ class PortForwardBackend(TunnelBackend):
         conn = self._connections.get(key)
         if conn is None:
             conn = connect(context, "", config_file=kubeconfig)
-            self._connections = {key: conn}  # the old client, if any, is not used again
+            old, self._connections = self._connections, {key: conn}
+            for stale in old.values():  # its pooled connections to the apiserver are not used again
+                stale.api.rest_client.pool_manager.clear()
         return conn
 
     async def serve(self, listen: GatewayListen, authenticate: Authenticator, sink_factory: SinkFactory):
