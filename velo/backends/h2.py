@@ -69,10 +69,10 @@ from velo.transport import (
     Authenticator,
     Endpoint,
     GatewayListen,
+    ProtocolPipe,
     SinkFactory,
     TunnelBackend,
     TunnelError,
-    TunnelSink,
 )
 
 # h2 formats every received frame for its trace log before the logger decides to drop
@@ -636,22 +636,19 @@ class H2Session:
         return self._go_away_received
 
 
-class _H2Pipe(asyncio.Protocol):
+class _H2Pipe(ProtocolPipe):
     """One TCP (or TLS) connection carrying HTTP/2; TunnelPipe for velo's Tunnel."""
 
     def __init__(self, sink_factory: SinkFactory, *, client: bool, token: str | None = None,
                  scheme: str = "http", authority: str = "velo", path: str = "/", authenticate: Authenticator | None = None) -> None:
-        self._sink_factory = sink_factory
+        super().__init__(sink_factory)
         self._client = client
         self._token = token
         self._scheme = scheme
         self._authority = authority
         self._path = path
         self._authenticate = authenticate
-        self.sink: TunnelSink | None = None
         self.session: H2Session | None = None
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
         # client: the gateway's answer to our authenticated GET (the handshake)
         self.answered: asyncio.Future[int] | None = asyncio.get_running_loop().create_future() if client else None
 
@@ -674,8 +671,7 @@ class _H2Pipe(asyncio.Protocol):
             if self.answered is not None and not self.answered.done():
                 self.answered.set_exception(TunnelError("the server did not agree to HTTP/2 (ALPN h2)"))
             return
-        self.sink = self._sink_factory()
-        self.sink.connection_made(self)
+        self.start_sink()
 
     def data_received(self, data: bytes) -> None:
         self.sink.data_received(data)
@@ -686,34 +682,7 @@ class _H2Pipe(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         if self.answered is not None and not self.answered.done():
             self.answered.set_exception(ConnectionError(f"connection closed{': ' + str(exc) if exc else ''}"))
-        if self.sink is not None:
-            self.sink.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        if self.sink is not None:
-            self.sink.pause_writing()
-
-    def resume_writing(self) -> None:
-        if self.sink is not None:
-            self.sink.resume_writing()
-
-    # velo -> asyncio
-    def write(self, data) -> None:
-        self.transport.write(data)
-
-    def pause_reading(self) -> None:
-        self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self.transport.resume_reading()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
+        super().connection_lost(exc)
 
 
 class H2Table(TLSBackendTable):
