@@ -224,8 +224,9 @@ def test_velo_config_check_says_so_and_exits_non_zero(tmp_path):
     assert "tunnel port-forward pod shop/gateway-0 port 7071" in good.stdout
 
 
-def _static_up(procs, tmp_path, pod: KwokPod, http: int, kubeconfig, namespace: str | None = None):
-    settings = {"pod": pod.name, "kubeconfig": str(kubeconfig)}
+def _static_up(procs, tmp_path, pod: str, http: int, kubeconfig, namespace: str | None = None):
+    """`velo up` with the static provider and ``[tunnel.port-forward] pod``, not waiting for the tunnel."""
+    settings = {"pod": pod, "kubeconfig": str(kubeconfig)}
     if namespace:
         settings["namespace"] = namespace
     folder = tmp_path / f"project-{len(procs.all)}"
@@ -250,7 +251,7 @@ def test_a_named_pod_is_waited_for_then_followed_when_recreated(cluster, namespa
     http = procs.server("http", text="via a pod of my own")
     gateway = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
     pod = KwokPod(cluster, namespace)
-    up = _static_up(procs, tmp_path, pod, http, cluster.kubeconfig, namespace=namespace)
+    up = _static_up(procs, tmp_path, pod.name, http, cluster.kubeconfig, namespace=namespace)
     _failing(up, f"pod {namespace}/{pod.name} not found")
     lines = [line for line in up.proc.log().splitlines() if "tunnel not up" in line]
     assert lines == [f"velo: tunnel not up: port-forward: pod {namespace}/{pod.name} not found (context "
@@ -282,7 +283,7 @@ def test_a_pod_that_is_not_ready_is_that_backend_failing(cluster, namespace, pro
     gateway = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
     pending = KwokPod(cluster, namespace, node="velo-no-such-node")  # no kubelet: Pending for ever
     pending.forward_to(gateway.port)
-    up = _static_up(procs, tmp_path, pending, http, cluster.kubeconfig, namespace=namespace)
+    up = _static_up(procs, tmp_path, pending.name, http, cluster.kubeconfig, namespace=namespace)
     _failing(up, f"port-forward: pod {namespace}/{pending.name} is not running (phase Pending)")
 
 
@@ -304,7 +305,7 @@ def test_forbidden_shows_which_permission_and_granting_it_is_picked_up(cluster, 
         "clusters": [{"name": "c", "cluster": {"server": base.host, "certificate-authority": base.ssl_ca_cert}}],
         "users": [{"name": "pf-user", "user": {"token": token}}],
         "contexts": [{"name": "pf-user", "context": {"cluster": "c", "user": "pf-user", "namespace": namespace}}]}))
-    up = _static_up(procs, tmp_path, pod, http, kubeconfig)
+    up = _static_up(procs, tmp_path, pod.name, http, kubeconfig)
     status = _failing(up, f"permission denied while reading pod {namespace}/{pod.name}")
     assert "cannot get resource \"pods\"" in status["tunnel"]["last_error"]
 
@@ -328,3 +329,10 @@ def test_forbidden_shows_which_permission_and_granting_it_is_picked_up(cluster, 
     tunnel = up.wait_state("up", timeout=30)["tunnel"]
     assert tunnel["url"] == f"pod {pod.name} port 7071"  # as written: the namespace came from the context
     assert http_get(up.port("web")).endswith(b"allowed now")
+
+
+def test_a_missing_kubeconfig_is_that_backend_failing_not_velo_up(procs, tmp_path):
+    missing = tmp_path / "no-such-kubeconfig"
+    up = _static_up(procs, tmp_path, "gateway-0", 9, missing)
+    _failing(up, f"[tunnel.port-forward] kubeconfig {missing}: no such file")
+    assert up.proc.running() and "Traceback" not in up.proc.log()
