@@ -24,9 +24,6 @@ from velo.provider import Endpoint, ProviderError
 
 from .api import Connection, call
 
-DEFAULT_PORT = 7071
-"""The pod port a gateway listens on for port-forward tunnels, unless told otherwise (the
-traffic-proxy's, ``velo gateway --listen port-forward://127.0.0.1:7071``)."""
 PORT_FORWARD_LISTEN = "port-forward://127.0.0.1:{port}"
 """Where the traffic-proxy accepts tunnels that come through pods/portforward (pod loopback)."""
 
