@@ -66,6 +66,11 @@ class ProviderSession:
     async def keepalive(self) -> None:
         """Runs for the life of `velo up` (e.g. renewing a lease); raising stops velo with its message."""
 
+    def status(self) -> dict:
+        """Shown under "cluster" by `velo status`: e.g. ``{"api": {"state": "failing", "error": ...}}``
+        while the cluster API does not answer (a degraded state the session rides out)."""
+        return {}
+
     async def repair(self, everything: bool = False) -> list[str]:
         """Undo what crashed sessions left behind; ``everything``: all of this user's sessions."""
         return []

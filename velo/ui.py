@@ -36,6 +36,10 @@ def status_table(status: dict) -> Group:
     parts.append(head)
     if tunnel.get("last_error") and state != "up":
         parts.append(Text(f"last error: {tunnel['last_error']}", style="red"))
+    api = (status.get("cluster") or {}).get("api") or {}
+    if api.get("state") == "failing":  # degraded, ridden out: forwards and the tunnel keep working
+        since = f" for {time.time() - api['since']:.0f}s" if api.get("since") else ""
+        parts.append(Text(f"cluster API failing{since} ({api.get('error')}); retrying", style="yellow"))
     table = Table(expand=False, box=None, header_style="bold")
     for column in ("", "name", "listen", "target"):
         table.add_column(column, no_wrap=True, overflow="fold")

@@ -363,6 +363,7 @@ class Up:
             reloads=self.reloads,
             last_reload_error=self.last_reload_error,
             candidates=[c.status() for c in self.candidates],
+            cluster=self.provider.status() if self.provider is not None else {},
         )
         return status
 

@@ -26,7 +26,7 @@ from velo.plan import Inventory, Reverse, Service, ServicePort, build_plan, serv
 from velo.provider import Endpoint, Provider, ProviderError, ProviderSession
 
 from . import intercept as ix
-from .api import Connection, call, call_sync, connect, explain
+from .api import ApiHealth, Connection, call, call_sync, connect, explain
 
 log = logging.getLogger("velo.kubernetes")
 
@@ -86,6 +86,7 @@ class KubernetesSession(ProviderSession):
         self._renewing: asyncio.Task | None = None
         self._drift: set[str] = set()   # intercepted Services someone else put back
         self._last_reverses: tuple[Reverse, ...] = ()
+        self.api_health = ApiHealth(conn.server)
 
     @property
     def namespace(self) -> str:
@@ -211,34 +212,56 @@ class KubernetesSession(ProviderSession):
             reverses.append(Reverse(name, port.name if len(ports) > 1 else "", 0, local.host, local_port, port.port))
         return reverses
 
+    WATCH_SECONDS = 30  # the server ends each watch then; a connection dead without a FIN is noticed after +15 s
+
     async def watch(self) -> AsyncIterator[Inventory]:
-        """Services that appear, change or go: a real watch, not a poll."""
+        """Services that appear, change or go: a real watch, not a poll.  It survives the
+        apiserver going away (laptop sleep, a restart): each failure is retried with backoff
+        and shown in `velo status` (``api_health``); back, it lists again and re-reads the
+        cluster, so nothing that changed while nobody watched is missed."""
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
+        health, doing = self.api_health, "watching Services"
 
         def run() -> None:
             resource_version = None
+            delay = 0.5
             while not self._stopping.is_set():
-                self._watch = watch.Watch()
                 try:
+                    if resource_version is None:  # first, or after a failure: list, then watch from there
+                        listed = self.conn.core.list_namespaced_service(self.namespace, _request_timeout=(5, 15))
+                        resource_version = listed.metadata.resource_version
+                        health.ok(doing)
+                        delay = 0.5
+                        loop.call_soon_threadsafe(changed.set)
+                    self._watch = watch.Watch()
                     for event in self._watch.stream(self.conn.core.list_namespaced_service, self.namespace,
-                                                    resource_version=resource_version, timeout_seconds=60,
-                                                    _request_timeout=(10, 75)):  # a frozen apiserver too
+                                                    resource_version=resource_version,
+                                                    timeout_seconds=self.WATCH_SECONDS,
+                                                    _request_timeout=(5, self.WATCH_SECONDS + 15)):
                         resource_version = event["object"].metadata.resource_version
                         loop.call_soon_threadsafe(changed.set)
                 except ApiException as exc:
-                    if exc.status == 410:
+                    if exc.status == 410:  # too old to resume: list again
                         resource_version = None
                         continue
-                    self._stopping.wait(1)
-                except Exception:  # network trouble: retry after a pause
-                    if self._stopping.wait(1):
-                        return
+                    failure = exc
+                except Exception as exc:  # noqa: BLE001 - refused, reset, timed out: the apiserver is away
+                    failure = exc
+                else:
+                    continue  # the server ended the watch on time: resume where it was
+                if self._stopping.is_set():
+                    return
+                health.failed(doing, failure)
+                resource_version = None
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, 4.0)
 
         thread = threading.Thread(target=run, name="velo-watch-services", daemon=True)
         thread.start()
         last = None
-        failing = False
+        doing_reread, delay = "re-reading the cluster", 0.5
         while True:
             await changed.wait()
             await asyncio.sleep(0.2)  # coalesce a burst of events
@@ -248,18 +271,19 @@ class KubernetesSession(ProviderSession):
                     await self._mind_drift()
                 inventory = await self.inventory()
             except ProviderError as exc:  # a transient API error never ends the session: retry
-                if not failing:
-                    log.warning("re-reading the cluster failed: %s (retrying)", str(exc).splitlines()[0])
-                failing = True
-                await asyncio.sleep(2)
+                health.failed(doing_reread, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
                 changed.set()
                 continue
-            if failing:
-                log.warning("reading the cluster works again")
-            failing = False
+            health.ok(doing_reread)
+            delay = 0.5
             if inventory != last:
                 last = inventory
                 yield inventory
+
+    def status(self) -> dict:
+        return {"api": self.api_health.status()}
 
     async def _mind_drift(self) -> None:
         """An intercepted Service put back by someone else is said once per change and, with
@@ -463,32 +487,34 @@ class KubernetesSession(ProviderSession):
             await asyncio.shield(self._renewing)
 
     async def _renew(self) -> None:
-        """Renew the lease every lease/3; if it is gone anyway (laptop asleep), say so and stop."""
+        """Renew the lease every lease/3, and while the API fails sooner (with backoff), so
+        that the lease is fresh again within seconds of the apiserver's return.  If the
+        Lease is gone anyway (it lapsed while the tunnel was down too, or someone deleted
+        it), say so and stop: the Services were or will be restored."""
         interval = max(1.0, self.config.cluster.lease_seconds / 3)
         name = ix.lease_name(self.session)
-        failing = False
+        doing = "renewing the lease"
+        wait, retry = interval, 0.5
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
             try:
                 await asyncio.to_thread(
                     self.conn.coordination.patch_namespaced_lease, name, self.namespace,
-                    {"spec": {"renewTime": _micro_now()}}, _request_timeout=10)
+                    {"spec": {"renewTime": _micro_now()}}, _request_timeout=(5, 10))
             except ApiException as exc:
                 if exc.status == 404:
-                    raise ProviderError("this session's lease is gone: it lapsed (was the laptop asleep?) and the "
-                                        "cluster restored the Services; run `velo up` again") from None
-                if not failing:
-                    log.warning("renewing the lease failed: %s (retrying; the tunnel keeps the session alive)",
-                                exc.reason)
-                failing = True
-            except Exception as exc:  # network blip: try again next time, the lease has slack
-                if not failing:
-                    log.warning("renewing the lease failed: %s (retrying; the tunnel keeps the session alive)", exc)
-                failing = True
+                    raise ProviderError(f"this session's Lease {name} is gone (it lapsed while this laptop was "
+                                        "away, or someone deleted it): the session ends and its Services are "
+                                        "restored; run `velo up` again") from None
+                failure = exc
+            except Exception as exc:  # noqa: BLE001 - the apiserver is away: try again soon, the lease has slack
+                failure = exc
             else:
-                if failing:
-                    log.warning("renewing the lease works again")
-                failing = False
+                self.api_health.ok(doing)
+                wait, retry = interval, 0.5
+                continue
+            self.api_health.failed(doing, failure)
+            wait, retry = min(retry, interval), min(retry * 2, 4.0)
 
     async def close(self) -> None:
         self._stopping.set()
