@@ -44,9 +44,12 @@ def rbac_role(namespace: str = "NAMESPACE") -> str:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": {"name": "velo-developer", "namespace": namespace},
-        # Each rule is a call velo makes; tests/kube/test_rbac.py runs a whole session as a
-        # user bound to exactly this Role.
+        # Each rule is a call velo makes: tests/kube/test_platform.py runs a whole session as a
+        # user bound to exactly this Role and checks the apiserver's audit log (every call
+        # allowed and in a rule, every rule used).
         "rules": [
+            # that the namespace exists (a Role in it can grant get on that one namespace only)
+            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},
             # discovery (list + watch), the selector swap and restore (get + patch)
             {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "patch"]},
             # the candidate's env: configMapKeyRef/secretKeyRef/envFrom (get); the session token (create, delete)
@@ -56,9 +59,10 @@ def rbac_role(namespace: str = "NAMESPACE") -> str:
             {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "delete"]},
             {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
              "verbs": ["create", "delete"]},
-            # waiting for the traffic-proxy pod; the port-forward tunnel to it
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
-            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+            # waiting for the traffic-proxy pod; the port-forward tunnel to it (its WebSocket
+            # upgrade is a GET, authorized as get, and the apiserver checks create as well)
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
             # the candidate's workload (get, list); the traffic-proxy (create, scale up, delete)
             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create", "patch", "delete"]},
             {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get", "list"]},
