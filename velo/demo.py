@@ -23,6 +23,7 @@ from rich.live import Live
 from rich.text import Text
 
 from velo.config import load_config
+from velo.engine.guard import set_parent_death_signal
 from velo.engine.up import Up
 from velo.runtime import run
 from velo.ui import status_table
@@ -93,6 +94,11 @@ async def _demo(duration: float | None, console: Console) -> int:
              "--token-env", "VELO_DEMO_TOKEN"],
             env={**os.environ, "VELO_DEMO_TOKEN": token},
             stdin=subprocess.DEVNULL,
+            # Its own session: the terminal's Ctrl-C reaches only the demo, which stops
+            # `velo up` first and then the gateway (no "tunnel down" lines on the way out);
+            # the parent-death signal still takes the gateway along if the demo is killed.
+            start_new_session=True,
+            preexec_fn=lambda: set_parent_death_signal(signal.SIGTERM),
         )
         deadline = time.monotonic() + 15
         while not ready.exists():

@@ -50,6 +50,64 @@ Authenticator = Callable[[str | None], bool]
 """Called with the presented bearer token (or None); True admits the client."""
 
 
+class ProtocolPipe(asyncio.Protocol):
+    """A TunnelPipe over one asyncio stream transport (TCP, or TLS over it): the half every
+    socket-based backend shares (h2, the tcp plugin).  asyncio's flow-control callbacks go
+    to velo's sink; velo's calls go to the transport.  Subclasses create ``sink`` when their
+    handshake allows (``start_sink``) and override ``data_received``."""
+
+    def __init__(self, sink_factory: SinkFactory) -> None:
+        self._sink_factory = sink_factory
+        self.sink: TunnelSink | None = None
+        self.transport: asyncio.Transport | None = None
+        self.peer = "?"
+        self._write_paused = False  # the socket asked to pause before the sink existed
+
+    def start_sink(self) -> TunnelSink:
+        sink = self.sink = self._sink_factory()
+        sink.connection_made(self)
+        if self._write_paused:
+            sink.pause_writing()
+        return sink
+
+    # ---- asyncio.Protocol ------------------------------------------------------------
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.sink is not None:
+            self.sink.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.sink is not None:
+            self.sink.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.sink is not None:
+            self.sink.resume_writing()
+
+    # ---- TunnelPipe ------------------------------------------------------------------
+
+    def write(self, data: bytes | memoryview) -> None:
+        self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()  # flushes what is buffered, then connection_lost
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
 class TunnelError(Exception):
     """A tunnel could not be established; ``reason`` is shown in `velo status`."""
 

@@ -39,10 +39,10 @@ from velo.transport import (
     Authenticator,
     Endpoint,
     GatewayListen,
+    ProtocolPipe,
     SinkFactory,
     TunnelBackend,
     TunnelError,
-    TunnelSink,
 )
 
 __all__ = ["TcpBackend", "TcpTable", "velo_tunnel_backends", "velo_config_tables", "MAGIC", "OK", "DENIED"]
@@ -64,20 +64,13 @@ def _peer_name(transport: asyncio.BaseTransport) -> str:
     return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
 
 
-class _TcpPipe(asyncio.Protocol):
-    """One TCP connection: handshake first, then velo's TunnelPipe over the transport.
-
-    Implements ``asyncio.Protocol`` towards the socket and ``TunnelPipe`` towards
-    velo; ``sink`` is velo's ``TunnelSink`` once the handshake succeeded.
-    """
+class _TcpPipe(ProtocolPipe):
+    """One TCP connection: handshake first, then velo's TunnelPipe over the transport
+    (``ProtocolPipe``); ``sink`` is velo's ``TunnelSink`` once the handshake succeeded."""
 
     def __init__(self, sink_factory: SinkFactory) -> None:
-        self._sink_factory = sink_factory
-        self.sink: TunnelSink | None = None   # set when the handshake is done
-        self.transport: asyncio.Transport | None = None
-        self.peer = "?"
+        super().__init__(sink_factory)
         self._buffer = bytearray()            # handshake bytes until the first "\n"
-        self._write_paused = False            # the socket asked to pause before the sink existed
 
     # ---- asyncio.Protocol --------------------------------------------------------------
 
@@ -107,52 +100,16 @@ class _TcpPipe(asyncio.Protocol):
         self._handshake_line(line, rest)
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        sink = self.sink
-        if sink is not None:
-            sink.connection_lost(exc)
+        if self.sink is not None:
+            super().connection_lost(exc)
         else:
             self._handshake_failed("connection closed during the handshake" + (f": {exc}" if exc else ""))
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        if self.sink is not None:
-            self.sink.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.sink is not None:
-            self.sink.resume_writing()
-
-    # ---- TunnelPipe (velo -> socket) ---------------------------------------------------
-
-    def write(self, data: bytes | memoryview) -> None:
-        self.transport.write(data)
-
-    def pause_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.transport is not None:
-            self.transport.resume_reading()
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()  # flushes what is buffered, then connection_lost
-
-    def abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
 
     # ---- handshake ---------------------------------------------------------------------
 
     def _start_pipe(self, rest: bytes) -> None:
         """The handshake succeeded: from here on the connection belongs to velo."""
-        sink = self._sink_factory()
-        self.sink = sink
-        sink.connection_made(self)
-        if self._write_paused:
-            sink.pause_writing()
+        sink = self.start_sink()
         if rest and self.sink is sink and not self.transport.is_closing():
             sink.data_received(rest)
 
