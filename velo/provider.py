@@ -73,8 +73,14 @@ class ProviderSession:
         """Runs for the life of `velo up` (e.g. renewing a lease); raising stops velo with its message."""
 
     def status(self) -> dict:
-        """Shown under "cluster" by `velo status`: e.g. ``{"api": {"state": "failing", "error": ...}}``
-        while the cluster API does not answer (a degraded state the session rides out)."""
+        """What `velo status` (and ``--json``, under ``cluster``) shows of the remote side.
+
+        JSON-able data of the provider's own shape (kubernetes: ``api``, the cluster API's
+        health while the session rides out an outage; ``drift``).  Two keys mean something
+        to the core: ``notes``, lines for the human view (a degraded state such as a Service
+        someone else changed back), and ``no_route``, {service name: why}: that Service's
+        reverse routes show "no route: why" although their listeners are bound.
+        """
         return {}
 
     async def repair(self, everything: bool = False) -> list[str]:

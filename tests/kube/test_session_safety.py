@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.cluster import podrunner
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, status_cli, wait_for
 from tests.kube.ingress import request_in_cluster, request_via_service
 from tests.kube.relay import CuttableRelay
 from tests.kube.shop import coordination, kube_config, kube_up, kubeconfig_variant, service, velo, velo_objects
@@ -349,6 +349,8 @@ def test_drift_is_noticed_from_the_watch(cluster, namespace, shop, procs, tmp_pa
                          cluster_extra=f'on_drift = "{on_drift}"\n')
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
+    assert status_cli(config)["cluster"]["drift"] == []
+    changed = time.time()
     put_back(cluster, namespace)
     up.proc.wait_log("Service website was changed back by someone else", timeout=20)
     if on_drift == "reapply":
@@ -359,6 +361,26 @@ def test_drift_is_noticed_from_the_watch(cluster, namespace, shop, procs, tmp_pa
     else:
         assert 'cluster.on_drift = "warn"' in up.proc.log() and not intercepted(cluster, namespace)
     assert up.proc.log().count("changed back by someone else") == 1, "one line per event"
+    # ... and `velo status` says which Service, when, and what became of it
+    status = wait_for(lambda: (s := status_cli(config)) and s["cluster"]["drift"]
+                      and s["cluster"]["drift"][0]["state"] in ("reapplied", "no route") and s,
+                      20, "the drift in velo status")
+    (event,) = status["cluster"]["drift"]
+    assert event["service"] == "website" and event["on_drift"] == on_drift
+    assert changed - 1 <= event["at"] <= time.time(), event
+    (reverse,) = status["reverses"]
+    table = " ".join(velo("status", cwd=config.parent, kubeconfig=cluster.kubeconfig).stdout.split())  # unwrapped
+    assert "Service website was changed back by someone else at " in table, table
+    if on_drift == "reapply":
+        assert event["state"] == "reapplied" and event["at"] <= event["reapplied_at"] <= time.time(), event
+        assert reverse["state"] == "listening" and status["cluster"]["no_route"] == {}
+        assert "velo re-applied its swap at" in table, table
+    else:
+        assert event["state"] == "no route" and event["reapplied_at"] is None, event
+        assert reverse["state"].startswith("no route: changed back by someone else"), reverse
+        assert "website" in status["cluster"]["no_route"]
+        assert "its traffic goes to its own pods, not this laptop" in table, table
+    assert up.proc.log().count("changed back by someone else") == 1, "status asks add no log lines"
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
     svc = service(cluster, namespace)

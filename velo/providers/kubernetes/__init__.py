@@ -88,6 +88,7 @@ class KubernetesSession(ProviderSession):
         self._stopping = threading.Event()
         self._renewing: asyncio.Task | None = None
         self._drift: set[str] = set()   # intercepted Services someone else put back
+        self.drift_events: dict[str, dict] = {}  # per Service, the last drift: for `velo status`
         self._last_reverses: tuple[Reverse, ...] = ()
         self.api_health = ApiHealth(conn.server)
 
@@ -288,30 +289,68 @@ class KubernetesSession(ProviderSession):
                 last = inventory
                 yield inventory
 
-    def status(self) -> dict:
-        return {"api": self.api_health.status()}
-
     async def _mind_drift(self) -> None:
         """An intercepted Service put back by someone else is said once per change and, with
         ``on_drift = "reapply"``, intercepted again (its new selector becomes the original)."""
+        import time
+
         reapply = self.config.cluster.on_drift == "reapply"
         services = {s.metadata.name: s for s in await self._services()}
         for name in list(self.intercepted):
             svc = services.get(name)
             if svc is None or not ix.drifted(svc, self.session):
+                if name in self._drift and name in self.drift_events:  # pointed at the proxy again
+                    self.drift_events[name]["state"] = "intercepted again"
                 self._drift.discard(name)
                 continue
             if name not in self._drift:
                 log.warning("Service %s was changed back by someone else (a GitOps sync or kubectl apply?)%s", name,
                             "; intercepting it again" if reapply else "; its traffic no longer reaches this laptop "
                             '(cluster.on_drift = "warn")')
+                times = self.drift_events.get(name, {}).get("times", 0) + 1
+                self.drift_events[name] = {"service": name, "at": time.time(), "times": times,
+                                           "on_drift": self.config.cluster.on_drift,
+                                           "state": "re-applying" if reapply else "no route", "reapplied_at": None}
             self._drift.add(name)
             if reapply:
+                event = self.drift_events[name]
                 ports = {r.service_port: r.gateway_port for r in self._last_reverses if r.service == name}
-                await asyncio.to_thread(ix.release, self.conn, name, self.session)
-                await asyncio.to_thread(ix.intercept, self.conn, name, self.session,
-                                        lambda s: ix.lease_alive(self.conn, s), ports)
+                try:
+                    await asyncio.to_thread(ix.release, self.conn, name, self.session)
+                    await asyncio.to_thread(ix.intercept, self.conn, name, self.session,
+                                            lambda s: ix.lease_alive(self.conn, s), ports)
+                except ProviderError as exc:  # the watch retries; status says why meanwhile
+                    event["state"] = f"re-applying failed: {str(exc).splitlines()[0]}"
+                    raise
+                event.update(state="reapplied", reapplied_at=time.time())
                 self._drift.discard(name)
+
+    def status(self) -> dict:
+        """For `velo status`: the cluster API's health, and each intercepted Service someone
+        else changed back, when, and whether velo re-applied its swap or it has no route."""
+        import time
+
+        def clock(at: float) -> str:
+            return time.strftime("%H:%M:%S", time.localtime(at))
+
+        events = {name: event for name, event in sorted(self.drift_events.items()) if name in self.intercepted}
+        notes, no_route = [], {}
+        for name, event in events.items():
+            line = f"Service {name} was changed back by someone else at {clock(event['at'])}"
+            if event["times"] > 1:
+                line += f" ({event['times']} times this session)"
+            if event["state"] == "reapplied":
+                line += f"; velo re-applied its swap at {clock(event['reapplied_at'])}"
+            elif event["state"] == "intercepted again":
+                line += "; it points at this laptop again"
+            else:
+                no_route[name] = "changed back by someone else"  # short: a table cell; the note says more
+                line += (": its traffic goes to its own pods, not this laptop (cluster.on_drift = \"warn\"; "
+                         "restart `velo up` to intercept it again)" if event["state"] == "no route"
+                         else f": no route to this laptop ({event['state']})")
+            notes.append(line)
+        return {"api": self.api_health.status(), "drift": [dict(e) for e in events.values()], "notes": notes,
+                "no_route": no_route}
 
     # ---- the in-cluster side -------------------------------------------------------
 
