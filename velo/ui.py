@@ -29,6 +29,8 @@ def status_table(status: dict) -> Group:
     )
     if tunnel.get("up_since"):
         head.append(f"  up {time.time() - tunnel['up_since']:.0f}s")
+    if tunnel.get("peer_version") and state == "up":
+        head.append(f"  gateway velo {tunnel['peer_version']}")
     parts = []
     if status.get("project"):
         parts.append(Text(f"project {status['project']}  provider {status.get('provider', '?')}  "
@@ -54,6 +56,8 @@ def status_table(status: dict) -> Group:
                       str(rev.get("total", 0)), _bytes(rev.get("bytes_up", 0)), _bytes(rev.get("bytes_down", 0)),
                       r["state"] if r["state"] != "listening" else str(rev.get("errors", 0)))
     parts.append(table)
+    for note in (status.get("cluster") or {}).get("notes") or []:  # e.g. a Service changed back
+        parts.append(Text(note, style="yellow"))
     if status.get("candidates"):
         parts.append(candidates_table(status["candidates"]))
     if status.get("last_reload_error"):

@@ -286,6 +286,50 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # network namespace (the cluster network stand-in)
 # --------------------------------------------------------------------------------------------
+# The apiserver's audit log: every request of the tests' own users and ServiceAccounts, at
+# level Metadata (who, verb, resource, response code; no bodies).  The control plane's and the
+# admin's calls are left out, so it stays small.  Written before each response ("blocking"),
+# so a test reads it right after the calls it checks.  Read it with ``audit_events``.
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: None
+  userGroups: ["system:masters", "system:nodes", "system:serviceaccounts:kube-system"]
+- level: None
+  users: ["system:kube-controller-manager", "system:kube-scheduler", "system:apiserver", "system:kube-proxy"]
+- level: Metadata
+"""
+
+
+def audit_log_path(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / "logs" / "audit.log"
+
+
+def audit_args(state_dir: str | os.PathLike) -> list[str]:
+    policy = Path(state_dir) / "audit-policy.yaml"
+    policy.write_text(AUDIT_POLICY)
+    return [f"--audit-policy-file={policy}", f"--audit-log-path={audit_log_path(state_dir)}",
+            "--audit-log-format=json", "--audit-log-mode=blocking", "--audit-log-maxsize=0"]
+
+
+def audit_events(state_dir: str | os.PathLike, user: str | None = None) -> list[dict[str, Any]]:
+    """The audit events (ResponseComplete/ResponseStarted) so far, of ``user`` if given."""
+    events = []
+    try:
+        lines = audit_log_path(state_dir).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if user is None or event.get("user", {}).get("username") == user:
+            events.append(event)
+    return events
+
+
 def netns_supported() -> tuple[bool, str]:
     if os.environ.get("VELO_CLUSTER_NETNS", "1") == "0":
         return False, "disabled by VELO_CLUSTER_NETNS=0"
@@ -577,6 +621,7 @@ class Cluster:
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
             # kwok's node has a Hostname address that does not resolve: reach its "kubelet" by IP
             "--kubelet-preferred-address-types=InternalIP",
+            *audit_args(self.state_dir),
             *getattr(self, "_apiserver_args", ()),
         ])
         self._wait("kube-apiserver", lambda: self._https_ok(f"{server}/readyz"), timeout,

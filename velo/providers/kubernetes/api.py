@@ -72,13 +72,16 @@ def in_cluster_connection(namespace: str | None = None) -> Connection:
     return Connection(client.ApiClient(configuration), ns, "in-cluster", configuration.host, "serviceaccount")
 
 
-def connect(context: str = "", namespace: str = "") -> Connection:
-    """kubeconfig from KUBECONFIG or ~/.kube/config; context and namespace from the
-    arguments or the kubeconfig's current context."""
+def connect(context: str = "", namespace: str = "", config_file: str | None = None) -> Connection:
+    """kubeconfig from ``config_file``, else KUBECONFIG or ~/.kube/config; context and
+    namespace from the arguments or the kubeconfig's current context."""
+    if config_file is not None and not os.path.isfile(os.path.expanduser(config_file)):
+        raise ProviderError(f"kubeconfig {config_file}: no such file")
+    files = {"config_file": os.path.expanduser(config_file)} if config_file is not None else {}
     try:
-        contexts, current = kubeconfig.list_kube_config_contexts()
+        contexts, current = kubeconfig.list_kube_config_contexts(**files)
     except kubeconfig.ConfigException as exc:
-        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        where = config_file or os.environ.get("KUBECONFIG") or "~/.kube/config"
         raise ProviderError(f"no usable kubeconfig ({where}): {exc}; set KUBECONFIG or cluster.context") from None
     except FileNotFoundError:
         raise ProviderError("no kubeconfig found (KUBECONFIG is unset and ~/.kube/config does not exist)") from None
@@ -88,7 +91,7 @@ def connect(context: str = "", namespace: str = "") -> Connection:
         raise ProviderError(f'cluster.context: no context "{context}" in the kubeconfig; available: {", ".join(names)}')
     configuration = client.Configuration()
     try:
-        kubeconfig.load_kube_config(context=chosen["name"], client_configuration=configuration)
+        kubeconfig.load_kube_config(context=chosen["name"], client_configuration=configuration, **files)
     except kubeconfig.ConfigException as exc:
         raise ProviderError(f'kubeconfig context "{chosen["name"]}": {exc}') from None
     configuration.retries = False
