@@ -9,7 +9,9 @@ Arms, all to the same nginx:
                client -> `velo up` -> test kube-apiserver -> kwok (pods/portforward of pod
                bench-gateway) -> `velo gateway`'s port-forward:// listener -> nginx
                (with the cluster only: `[tunnel.port-forward] pod = "bench-gateway"`)
-  kubectl      client -> `kubectl port-forward` -> test kube-apiserver -> kwok (pods/portforward) -> nginx
+  kubectl      client -> `kubectl port-forward` -> test kube-apiserver -> kwok (pods/portforward) -> nginx,
+               kubectl's default protocol: SPDY tunnelled over a WebSocket (KEP 4006)
+  kubectl-spdy the same with KUBECTL_PORT_FORWARD_WEBSOCKETS=false: the legacy SPDY upgrade
 
 Measured per arm: 1 KiB keep-alive req/s and p50/p99 at 1, 8 and 32 connections (wrk),
 the first byte of a new connection through the warm path (connect, GET, first byte;
@@ -252,7 +254,11 @@ spec:
                 url = url.replace(f":{gw_port}", f":{hop}", 1)
             arms[f"velo-{backend}"] = self.start_up(phase, backend, f'url = "{url}"')
         if self.cluster is not None:
-            arms["kubectl"] = self.start_port_forward(phase, self.kubeconfig(phase, "kubectl", wan))
+            # kubectl's default since 1.31 tunnels SPDY over a WebSocket (KEP 4006); the
+            # legacy SPDY upgrade beside it says which of the apiserver's protocols serves better.
+            arms["kubectl"] = self.start_port_forward(phase, self.kubeconfig(phase, "kubectl", wan), "kubectl")
+            arms["kubectl-spdy"] = self.start_port_forward(phase, self.kubeconfig(phase, "kubectl-spdy", wan),
+                                                           "kubectl-spdy", websockets=False)
         for arm, port in arms.items():  # warm: the tunnel (or port-forward) carries a request
             wait_for(f"{arm} to answer", lambda p=port: self._get_ok(p), 30)
         return arms
@@ -291,11 +297,12 @@ spec:
         wait_for(f"velo up ({backend}) to listen", lambda: accepts(port), 30, proc, self.procs, name)
         return port
 
-    def start_port_forward(self, phase: str, kubeconfig: Path) -> int:
+    def start_port_forward(self, phase: str, kubeconfig: Path, arm: str, websockets: bool = True) -> int:
         port = free_port()
-        name = f"kubectl-{phase}"
+        name = f"{arm}-{phase}"
+        env = dict(os.environ, KUBECTL_PORT_FORWARD_WEBSOCKETS="true" if websockets else "false")
         proc = self.procs.start(name, [self.cluster.kubectl_path, f"--kubeconfig={kubeconfig}", "port-forward",
-                                       "pod/bench-nginx", f"{port}:80", "--address=127.0.0.1"])
+                                       "pod/bench-nginx", f"{port}:80", "--address=127.0.0.1"], env=env)
         wait_for("kubectl port-forward to listen", lambda: accepts(port), 30, proc, self.procs, name)
         return port
 
@@ -396,6 +403,11 @@ spec:
             if rps and kube_c:
                 out.append(f"- loopback, {c} conn: velo-port-forward {rps / kube_c:.1f}x kubectl port-forward's "
                            f"req/s (target > 1x, same apiserver and kwok): {'PASS' if rps > kube_c else 'FAIL'}")
+        for phase in ("loopback", "wan"):
+            bulk, kube_b = self.med(phase, "velo-port-forward", "bulk"), self.med(phase, "kubectl", "bulk")
+            if bulk and kube_b:
+                out.append(f"- {phase}, 64 MiB download: velo-port-forward {bulk:.0f} MB/s vs kubectl port-forward "
+                           f"{kube_b:.0f} MB/s (target > 1x): {'PASS' if bulk > kube_b else 'FAIL'}")
         added = 2 * self.args.latency_ms
         direct_fb = self.med("wan", "direct", "fb", "p50")
         for arm in velo:

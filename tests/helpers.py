@@ -114,7 +114,7 @@ class Procs:
         return int(wait_for(lambda: ready.exists() and ready.read_text(), 15, f"{kind} server to listen"))
 
     def gateway(self, *allow: str, port: int = 0, token: str = TOKEN, scheme: str = "ws", extra=(),
-                allow_reverse=()) -> "Gateway":
+                allow_reverse=(), env: dict | None = None, cwd: Path | None = None) -> "Gateway":
         ready = self.tmp / f"gateway-{len(self.all)}.ready"
         path = "/velo" if scheme in ("ws", "wss") else ""
         args = [sys.executable, "-m", "velo", "gateway", "--listen", f"{scheme}://127.0.0.1:{port}{path}",
@@ -123,7 +123,7 @@ class Procs:
             args += ["--allow", pattern]
         for reverse_port in allow_reverse:
             args += ["--allow-reverse", str(reverse_port)]
-        proc = self.start("gateway", args, env={"VELO_TOKEN": token})
+        proc = self.start("gateway", args, env={"VELO_TOKEN": token, **(env or {})}, cwd=cwd)
         url = wait_for(lambda: ready.exists() and ready.read_text().strip(), 15, "gateway to listen")
         return Gateway(proc, url, int(url.rsplit(":", 1)[1].split("/")[0]))
 

@@ -10,6 +10,8 @@ import asyncio
 import json
 import logging
 import os
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -149,3 +151,47 @@ def call_sync(conn: Connection, doing: str, fn, *args, **kwargs):
         return fn(*args, _request_timeout=15, **kwargs)
     except Exception as exc:
         raise explain(exc, conn, doing) from None
+
+
+def brief(exc: Exception) -> str:
+    """A failed call in a few words (for a log line or `velo status`)."""
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {_api_message(exc)}" if exc.status else str(exc.reason)
+    return _reason(exc)
+
+
+class ApiHealth:
+    """Whether the cluster API answers the session's background calls (the Service watch,
+    the Lease renewal, re-reading the cluster).  A transient failure is retried by each of
+    them, never a reason to end the session: the first failure is one log line, the
+    recovery of the last one another, and in between `velo status` shows it.  Called from
+    the watch thread and from the event loop alike."""
+
+    def __init__(self, server: str):
+        self.server = server
+        self._lock = threading.Lock()
+        self._failing: dict[str, str] = {}  # what -> its last error
+        self._since: float | None = None
+
+    def failed(self, what: str, exc: Exception) -> None:
+        with self._lock:
+            first = not self._failing
+            self._failing[what] = brief(exc)
+            if first:
+                self._since = time.time()
+        if first:
+            log.warning("the cluster API is failing (%s: %s); retrying, forwards and the tunnel keep working",
+                        what, brief(exc))
+
+    def ok(self, what: str) -> None:
+        with self._lock:
+            if self._failing.pop(what, None) is None or self._failing:
+                return
+            since, self._since = self._since, None
+        log.warning("the cluster API works again (after %.0fs)", time.time() - (since or time.time()))
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"state": "failing" if self._failing else "ok", "server": self.server,
+                    "error": "; ".join(f"{what}: {error}" for what, error in self._failing.items()) or None,
+                    "since": self._since}
