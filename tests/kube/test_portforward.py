@@ -336,3 +336,35 @@ def test_a_missing_kubeconfig_is_that_backend_failing_not_velo_up(procs, tmp_pat
     up = _static_up(procs, tmp_path, "gateway-0", 9, missing)
     _failing(up, f"[tunnel.port-forward] kubeconfig {missing}: no such file")
     assert up.proc.running() and "Traceback" not in up.proc.log()
+
+
+@cluster_test
+def test_context_picks_the_kubeconfig_context_and_a_wrong_one_is_named(cluster, namespace, procs, tmp_path):
+    http = procs.server("http", text="by context")
+    gateway = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
+    pod = KwokPod(cluster, namespace)
+    pod.forward_to(gateway.port)
+    kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    real = kubeconfig["current-context"]
+    # the current context is a dead cluster; only `context` leads to the test cluster
+    kubeconfig["clusters"].append({"name": "dead", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}})
+    kubeconfig["contexts"].append({"name": "dead", "context": {"cluster": "dead", "user": kubeconfig["users"][0]["name"],
+                                                               "namespace": namespace}})
+    kubeconfig["current-context"] = "dead"
+    path = tmp_path / "two-contexts.kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+
+    def up_with(context: str):
+        folder = tmp_path / f"ctx-{context}"
+        folder.mkdir()
+        config = write_config(folder / "velocity.toml", gateway_url=None, remote={"web": f"127.0.0.1:{http}"},
+                              backend="port-forward", free_ports=True,
+                              settings={"pod": pod.name, "namespace": namespace, "kubeconfig": str(path),
+                                        "context": context})
+        return procs.up(config, wait_up=False)
+
+    _failing(up_with("nope"), f'[tunnel.port-forward] context: no context "nope" in the kubeconfig; '
+                              f"available: {real}, dead")
+    up = up_with(real)
+    up.wait_state("up", timeout=30)
+    assert http_get(up.port("web")).endswith(b"by context")
