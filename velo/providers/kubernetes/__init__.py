@@ -534,10 +534,13 @@ class KubernetesSession(ProviderSession):
         docs = self._manifests(inventory)
 
         def create(doc):
-            try:
-                return utils.create_from_dict(conn.api, doc, namespace=self.namespace)[0]
+            doing = f"creating {doc['kind']} {doc['metadata']['name']}"
+            try:  # bounded like every other call: a frozen apiserver must not hang the start
+                return utils.create_from_dict(conn.api, doc, namespace=self.namespace, _request_timeout=15)[0]
             except utils.FailToCreateError as exc:
-                raise explain(exc.api_exceptions[0], conn, f"creating {doc['kind']} {doc['metadata']['name']}") from None
+                raise explain(exc.api_exceptions[0], conn, doing) from None
+            except Exception as exc:  # a timeout, a refused connection
+                raise explain(exc, conn, doing) from None
 
         # The Deployment first, scaled to zero: everything else is created owned by it, so
         # deleting that one object (by name) removes the session whatever step failed.
