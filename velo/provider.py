@@ -31,9 +31,15 @@ class ProviderSession:
         self.config = config
 
     async def reconfigure(self, config) -> None:
-        """``update_config`` for a provider that must act on the change remotely (e.g.
-        restore a Service that is no longer a candidate)."""
+        """``update_config`` for a provider that must check the change remotely first:
+        raising ProviderError refuses the edit before anything changed."""
         self.update_config(config)
+
+    async def apply_live(self, say, path_ready) -> None:
+        """After a live edit reached the mesh: act on it remotely (e.g. redirect a new
+        candidate's traffic, give a removed one's back).  ``path_ready`` as for ``start``:
+        redirect only once it returned None.  Raising ProviderError (with nothing changed)
+        makes the engine go back to the last good config."""
 
     def reload_refused(self, config) -> str | None:
         """Why this running session cannot take ``config`` live (the user must restart), or None."""
@@ -67,12 +73,13 @@ class ProviderSession:
         """Runs for the life of `velo up` (e.g. renewing a lease); raising stops velo with its message."""
 
     def status(self) -> dict:
-        """What `velo status` (and ``--json``, under ``provider_status``) shows of the remote side.
+        """What `velo status` (and ``--json``, under ``cluster``) shows of the remote side.
 
-        JSON-able data of the provider's own shape.  Two keys mean something to the core:
-        ``notes``, lines for the human view (a degraded state such as a Service someone
-        else changed back), and ``no_route``, {service name: why}: that Service's reverse
-        routes show "no route: why" although their listeners are bound.
+        JSON-able data of the provider's own shape (kubernetes: ``api``, the cluster API's
+        health while the session rides out an outage; ``drift``).  Two keys mean something
+        to the core: ``notes``, lines for the human view (a degraded state such as a Service
+        someone else changed back), and ``no_route``, {service name: why}: that Service's
+        reverse routes show "no route: why" although their listeners are bound.
         """
         return {}
 

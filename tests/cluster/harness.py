@@ -286,6 +286,50 @@ def write_kubeconfig(path: Path, server: str, pki: Path) -> None:
 # --------------------------------------------------------------------------------------------
 # network namespace (the cluster network stand-in)
 # --------------------------------------------------------------------------------------------
+# The apiserver's audit log: every request of the tests' own users and ServiceAccounts, at
+# level Metadata (who, verb, resource, response code; no bodies).  The control plane's and the
+# admin's calls are left out, so it stays small.  Written before each response ("blocking"),
+# so a test reads it right after the calls it checks.  Read it with ``audit_events``.
+AUDIT_POLICY = """apiVersion: audit.k8s.io/v1
+kind: Policy
+omitStages: [RequestReceived]
+rules:
+- level: None
+  userGroups: ["system:masters", "system:nodes", "system:serviceaccounts:kube-system"]
+- level: None
+  users: ["system:kube-controller-manager", "system:kube-scheduler", "system:apiserver", "system:kube-proxy"]
+- level: Metadata
+"""
+
+
+def audit_log_path(state_dir: str | os.PathLike) -> Path:
+    return Path(state_dir) / "logs" / "audit.log"
+
+
+def audit_args(state_dir: str | os.PathLike) -> list[str]:
+    policy = Path(state_dir) / "audit-policy.yaml"
+    policy.write_text(AUDIT_POLICY)
+    return [f"--audit-policy-file={policy}", f"--audit-log-path={audit_log_path(state_dir)}",
+            "--audit-log-format=json", "--audit-log-mode=blocking", "--audit-log-maxsize=0"]
+
+
+def audit_events(state_dir: str | os.PathLike, user: str | None = None) -> list[dict[str, Any]]:
+    """The audit events (ResponseComplete/ResponseStarted) so far, of ``user`` if given."""
+    events = []
+    try:
+        lines = audit_log_path(state_dir).read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    for line in lines:
+        try:
+            event = json.loads(line)
+        except ValueError:  # a line being written
+            continue
+        if user is None or event.get("user", {}).get("username") == user:
+            events.append(event)
+    return events
+
+
 def netns_supported() -> tuple[bool, str]:
     if os.environ.get("VELO_CLUSTER_NETNS", "1") == "0":
         return False, "disabled by VELO_CLUSTER_NETNS=0"
@@ -437,6 +481,10 @@ class Cluster:
 
     # ---- processes --------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        # recorded so that start_component() can bring it back exactly as it was (only the
+        # variables that differ from ours: the state dir need not hold a copy of the environment)
+        delta = None if env is None else {k: v for k, v in env.items() if os.environ.get(k) != v}
+        (self.pids / f"{name}.cmd.json").write_text(json.dumps({"argv": argv, "env": delta, "cwd": cwd}))
         logf = open(self.logs / f"{name}.log", "ab")
         try:
             p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -573,6 +621,7 @@ class Cluster:
             f"--service-cluster-ip-range={SERVICE_CIDR}", "--allow-privileged=true",
             # kwok's node has a Hostname address that does not resolve: reach its "kubelet" by IP
             "--kubelet-preferred-address-types=InternalIP",
+            *audit_args(self.state_dir),
             *getattr(self, "_apiserver_args", ()),
         ])
         self._wait("kube-apiserver", lambda: self._https_ok(f"{server}/readyz"), timeout,
@@ -670,6 +719,59 @@ class Cluster:
         for name in ("portforwards.kwok.x-k8s.io", "clusterportforwards.kwok.x-k8s.io"):
             self._wait("kube-apiserver", lambda name=name: established(name), 60, f"CRD {name} Established")
 
+    # ---- one component down and back (an apiserver restart during a test) -------------------
+    def stop_component(self, name: str, grace: float = 20) -> None:
+        """Terminate one component (SIGTERM, SIGKILL after ``grace``) and wait until it is gone:
+        for kube-apiserver, connections to its port are refused from then on.  (On SIGTERM the
+        apiserver closes its listener at once, then drains for about 60 s before it exits; the
+        grace cuts that short.)"""
+        rec = read_pidfile(self.pids / f"{name}.pid")
+        if rec is None or not pid_alive(*rec):
+            raise ClusterError(f"{name} is not running")
+        kill_and_wait(rec[0], rec[1], grace=grace, popen=self._popen.get(name))
+        if name == "kube-apiserver":
+            port = self.info["ports"]["apiserver"]
+            wait_for(lambda: not _accepts("127.0.0.1", port), 10, f"port {port} to refuse connections")
+
+    def start_component(self, name: str, timeout: float = 120) -> None:
+        """Start a stopped component again with the same command line (ports, certificates,
+        flags) that started it; for kube-apiserver, return once /readyz answers."""
+        recorded = json.loads((self.pids / f"{name}.cmd.json").read_text())
+        if self._alive(name):
+            raise ClusterError(f"{name} is already running")
+        env = None if recorded["env"] is None else {**os.environ, **recorded["env"]}
+        self._spawn(name, recorded["argv"], env=env, cwd=recorded["cwd"])
+        if name == "kube-apiserver":
+            self._wait(name, lambda: self._https_ok(f"{self.server}/readyz"), timeout, "kube-apiserver /readyz",
+                       deps=["etcd"])
+
+    def wait_clients_reconnected(self, timeout: float = 120) -> None:
+        """After an apiserver restart: prove the components that watch it work again, for the
+        tests that come next.  The controller-manager creates a new namespace's `default`
+        ServiceAccount, kwok runs a pod on its node, and the pod runner is still alive (its
+        watches relist on any error, tests/cluster/podrunner.py)."""
+        probe = f"velo-reconnect-{secrets.token_hex(3)}"
+        st, body = self.rest("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                            "metadata": {"name": probe}})
+        if st != 201:
+            raise ClusterError(f"creating namespace {probe}: HTTP {st}: {body}")
+        try:
+            self._wait("kube-controller-manager",
+                       lambda: self.rest("GET", f"/api/v1/namespaces/{probe}/serviceaccounts/default")[0] == 200,
+                       timeout, f"ServiceAccount {probe}/default after the apiserver restart")
+            st, body = self.rest("POST", f"/api/v1/namespaces/{probe}/pods", {
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe"},
+                "spec": {"nodeName": self.node_name, "containers": [{"name": "c", "image": "probe"}]}})
+            if st != 201:
+                raise ClusterError(f"creating pod {probe}/probe: HTTP {st}: {body}")
+            self._wait("kwok", lambda: (self.rest("GET", f"/api/v1/namespaces/{probe}/pods/probe")[1] or {})
+                       .get("status", {}).get("phase") == "Running",
+                       timeout, f"pod {probe}/probe Running (set by kwok) after the apiserver restart")
+            if (self.pids / "podrunner.pid").exists() and not self._alive("podrunner"):
+                raise self._fail("podrunner", "exited during the apiserver restart")
+        finally:
+            self.rest("DELETE", f"/api/v1/namespaces/{probe}")
+
     # ---- stop / status ----------------------------------------------------------------------
     def stop(self, quiet: bool = False) -> None:
         """Kill every component (process group) and every pod/service process; remove the netns."""
@@ -766,6 +868,14 @@ class Cluster:
             kill_and_wait(rec[0], rec[1], grace=5, popen=self._popen.pop(f"net:{namespace}_{name}", None))
         pidfile.unlink(missing_ok=True)
         self.rest("DELETE", f"/api/v1/namespaces/{namespace}/services/{name}")
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------

@@ -81,9 +81,9 @@ class Ingress:
         self.server.close()
 
 
-def service_backend(cluster, namespace: str, service: str, port: int) -> int | None:
-    """What kube-proxy or an Ingress controller does for a Service: EndpointSlice -> a ready
-    pod -> the pod's target port (here: the port the pod runner mapped it to)."""
+def service_endpoint(cluster, namespace: str, service: str, port: int) -> tuple[dict, int] | None:
+    """What kube-proxy does for a Service: EndpointSlice -> a ready pod and its target port.
+    (the pod runner's record of that pod's process, the target port) or None."""
     from kubernetes import client
 
     svc = cluster.core.read_namespaced_service(service, namespace)
@@ -96,8 +96,17 @@ def service_backend(cluster, namespace: str, service: str, port: int) -> int | N
             if not (endpoint.conditions and endpoint.conditions.ready) or not endpoint.target_ref:
                 continue
             record = cluster.pod_process(namespace, endpoint.target_ref.name)
-            if record and record.get("state") == "running" and str(target) in record.get("port_map", {}):
-                return int(record["port_map"][str(target)])
+            if record and record.get("state") == "running" and target is not None:
+                return record, target
+    return None
+
+
+def service_backend(cluster, namespace: str, service: str, port: int) -> int | None:
+    """The host port that reaches Service ``service:port``'s pod (the port the pod runner
+    mapped its declared containerPort to), or None."""
+    found = service_endpoint(cluster, namespace, service, port)
+    if found is not None and str(found[1]) in found[0].get("port_map", {}):
+        return int(found[0]["port_map"][str(found[1])])
     return None
 
 
@@ -111,4 +120,28 @@ def request_via_service(cluster, namespace: str, service: str, port: int, payloa
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
+    return data
+
+
+def request_in_cluster(cluster, namespace: str, service: str, port: int, payload: bytes) -> bytes | None:
+    """Send ``payload`` to Service ``service:port`` from inside the cluster network, as another
+    pod would; None if no endpoint serves it.  Unlike ``request_via_service`` this reaches a
+    port the pod never declared (containerPorts are informational; a numeric targetPort works
+    without one): the pod runner maps declared ports only, others are the pod's own port."""
+    from tests.cluster.podrunner import netns_socket
+
+    found = service_endpoint(cluster, namespace, service, port)
+    if found is None:
+        return None
+    record, target = found
+    sock = netns_socket(cluster.require_netns())
+    try:
+        sock.settimeout(10)
+        sock.connect(("127.0.0.1", int(record.get("port_map", {}).get(str(target), target))))
+        sock.sendall(payload)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    finally:
+        sock.close()
     return data

@@ -26,3 +26,24 @@ def test_an_endpoint_never_shows_its_token():
     endpoint = Endpoint("websocket", "wss://velo.example/velo", "s3cret-token-value")
     assert "s3cret-token-value" not in repr(endpoint) and "s3cret-token-value" not in str(endpoint)
     assert endpoint.token == "s3cret-token-value"
+
+
+def test_a_candidate_added_live_never_moves_a_proxy_port_already_given_out():
+    """Its Service's targetPort points at that port: a newcomer that hashes to the same port
+    (and sorts first) probes around it instead of taking it."""
+    import zlib
+
+    from velo.plan import Reverse
+    from velo.providers.kubernetes import PROXY_PORTS, assign_proxy_ports
+
+    def slot(name: str) -> int:
+        return zlib.crc32(f"{name}/80".encode()) % (PROXY_PORTS[1] - PROXY_PORTS[0])
+
+    website = Reverse("website", "", 0, "127.0.0.1", 3000, 80)
+    rival = next(f"a{i}" for i in range(10**6) if slot(f"a{i}") == slot("website"))
+    first = {(r.service, r.service_port): r.gateway_port for r in assign_proxy_ports([website])}
+    newcomer = Reverse(rival, "", 0, "127.0.0.1", 3001, 80)
+    fresh = {r.service: r.gateway_port for r in assign_proxy_ports([website, newcomer])}
+    assert fresh[rival] == first[("website", 80)], "the hash alone gives the newcomer website's port"
+    after = {r.service: r.gateway_port for r in assign_proxy_ports([website, newcomer], first)}
+    assert after["website"] == first[("website", 80)] and after[rival] != after["website"]

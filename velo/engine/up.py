@@ -233,7 +233,8 @@ class Up:
 
     # ---- reconciling ------------------------------------------------------------
 
-    async def _apply(self, reason: str) -> None:
+    async def _apply(self, reason: str | None) -> None:
+        """``reason`` None: say nothing (going back to the last good config, already said)."""
         plan = build_plan(self.config, self.inventory, listen_host=self.listen_host)
         before = self.mesh.plan
         problems = await self.mesh.apply(plan)
@@ -244,7 +245,7 @@ class Up:
             candidate.set_env(plan.env)
         added = {f.key for f in plan.forwards} - {f.key for f in before.forwards}
         removed = {f.key for f in before.forwards} - {f.key for f in plan.forwards}
-        if added or removed or plan.reverses != before.reverses:
+        if reason is not None and (added or removed or plan.reverses != before.reverses):
             self.say(f"velo: {reason}: " + ", ".join(
                 [f"+{k}" for k in sorted(added)] + [f"-{k}" for k in sorted(removed)]
                 or ["reverse routes updated"]
@@ -286,6 +287,7 @@ class Up:
         old, self.config = self.config, new
         self.last_reload_error = ""
         self.reloads += 1
+        inventory = self.inventory
         if new.cluster != old.cluster or new.tunnel != old.tunnel:
             await self.provider.close()
             self.provider = await get_provider(new.cluster.provider).open(new)
@@ -297,11 +299,28 @@ class Up:
             client.reconnect_max_delay = tunnel.reconnect_max_delay
             client.wait_for_tunnel = tunnel.wait_for_tunnel
             client.restart()
+            self.inventory = await self.provider.inventory()
         else:
-            await self.provider.reconfigure(new)
-        self.inventory = await self.provider.inventory()
+            try:  # checked before anything changes: a refused edit touches nothing
+                await self.provider.reconfigure(new)
+                self.inventory = await self.provider.inventory()
+            except ProviderError as exc:
+                return self._not_applied(old, inventory, exc)
         await self._apply(f"{new.source_path.name} changed")
+        try:  # the mesh has the new routes; the provider redirects traffic to them
+            await self.provider.apply_live(self.say, self._path_ready)
+        except ProviderError as exc:
+            self._not_applied(old, inventory, exc)
+            await self._apply(None)  # the mesh drops what the edit added (its reverse listeners)
+            return
         await self._sync_candidates()
+
+    def _not_applied(self, old: VelocityConfig, inventory: Inventory, exc: ProviderError) -> None:
+        self.config, self.inventory = old, inventory
+        self.provider.update_config(old)
+        self.reloads -= 1
+        self.last_reload_error = str(exc)
+        self.say(f"velo: {old.source_path.name} not applied, still running the last good config: {exc}")
 
     async def _sync_candidates(self) -> None:
         """After a reload: candidates whose run/cwd/watch/ignore changed start anew."""
@@ -354,6 +373,7 @@ class Up:
 
     def status(self) -> dict:
         status = self.mesh.status()
+        remote = self.provider.status() if self.provider is not None else {}
         status.update(
             project=self.config.project.name,
             provider=self.config.cluster.provider,
@@ -363,9 +383,8 @@ class Up:
             reloads=self.reloads,
             last_reload_error=self.last_reload_error,
             candidates=[c.status() for c in self.candidates],
+            cluster=remote,
         )
-        remote = self.provider.status() if self.provider is not None else {}
-        status["provider_status"] = remote
         no_route = remote.get("no_route") or {}
         for reverse in status["reverses"]:  # bound, but the provider knows nothing is sent to it
             why = no_route.get(reverse["name"].split("/")[0])

@@ -14,6 +14,7 @@ import logging
 import secrets
 import string
 import threading
+import time
 from importlib import resources
 from typing import AsyncIterator
 
@@ -26,7 +27,7 @@ from velo.plan import Inventory, Reverse, Service, ServicePort, build_plan, serv
 from velo.provider import Endpoint, Provider, ProviderError, ProviderSession
 
 from . import intercept as ix
-from .api import Connection, call, call_sync, connect, explain
+from .api import ApiHealth, Connection, call, call_sync, connect, explain
 
 log = logging.getLogger("velo.kubernetes")
 
@@ -44,9 +45,12 @@ def rbac_role(namespace: str = "NAMESPACE") -> str:
         "apiVersion": "rbac.authorization.k8s.io/v1",
         "kind": "Role",
         "metadata": {"name": "velo-developer", "namespace": namespace},
-        # Each rule is a call velo makes; tests/kube/test_rbac.py runs a whole session as a
-        # user bound to exactly this Role.
+        # Each rule is a call velo makes: tests/kube/test_platform.py runs a whole session as a
+        # user bound to exactly this Role and checks the apiserver's audit log (every call
+        # allowed and in a rule, every rule used).
         "rules": [
+            # that the namespace exists (a Role in it can grant get on that one namespace only)
+            {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]},
             # discovery (list + watch), the selector swap and restore (get + patch)
             {"apiGroups": [""], "resources": ["services"], "verbs": ["get", "list", "watch", "patch"]},
             # the candidate's env: configMapKeyRef/secretKeyRef/envFrom (get); the session token (create, delete)
@@ -56,9 +60,10 @@ def rbac_role(namespace: str = "NAMESPACE") -> str:
             {"apiGroups": [""], "resources": ["serviceaccounts"], "verbs": ["create", "delete"]},
             {"apiGroups": ["rbac.authorization.k8s.io"], "resources": ["roles", "rolebindings"],
              "verbs": ["create", "delete"]},
-            # waiting for the traffic-proxy pod; the port-forward tunnel to it
-            {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list"]},
-            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["create"]},
+            # waiting for the traffic-proxy pod; the port-forward tunnel to it (its WebSocket
+            # upgrade is a GET, authorized as get, and the apiserver checks create as well)
+            {"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]},
+            {"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]},
             # the candidate's workload (get, list); the traffic-proxy (create, scale up, delete)
             {"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list", "create", "patch", "delete"]},
             {"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get", "list"]},
@@ -86,6 +91,7 @@ class KubernetesSession(ProviderSession):
         self._drift: set[str] = set()   # intercepted Services someone else put back
         self.drift_events: dict[str, dict] = {}  # per Service, the last drift: for `velo status`
         self._last_reverses: tuple[Reverse, ...] = ()
+        self.api_health = ApiHealth(conn.server)
 
     @property
     def namespace(self) -> str:
@@ -130,7 +136,10 @@ class KubernetesSession(ProviderSession):
                     if warning not in self._warned:
                         self._warned.add(warning)
                         log.warning("[local.%s] env: %s", name, warning)
-        self._last_reverses = tuple(assign_proxy_ports(reverses))
+        # Ports already given out stay put: a candidate added live must not move the path of
+        # a Service that is intercepted already (its targetPort points at that port).
+        kept = {(r.service, r.service_port): r.gateway_port for r in self._last_reverses}
+        self._last_reverses = tuple(assign_proxy_ports(reverses, kept))
         return Inventory(tuple(inventory_services), self._last_reverses, tuple(env.items()), frozenset(secret_keys))
 
     def _service_ports(self, svc, warned: set) -> list[ServicePort]:
@@ -211,34 +220,60 @@ class KubernetesSession(ProviderSession):
             reverses.append(Reverse(name, port.name if len(ports) > 1 else "", 0, local.host, local_port, port.port))
         return reverses
 
+    WATCH_SECONDS = 30  # the server ends each watch then; a connection dead without a FIN is noticed after +15 s
+
     async def watch(self) -> AsyncIterator[Inventory]:
-        """Services that appear, change or go: a real watch, not a poll."""
+        """Services that appear, change or go: a real watch, not a poll.  It survives the
+        apiserver going away (laptop sleep, a restart): each failure is retried with backoff
+        and shown in `velo status` (``api_health``); back, it lists again and re-reads the
+        cluster, so nothing that changed while nobody watched is missed."""
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
+        health, doing = self.api_health, "watching Services"
 
         def run() -> None:
             resource_version = None
+            delay = 0.5
             while not self._stopping.is_set():
-                self._watch = watch.Watch()
+                watching_since = None
                 try:
+                    if resource_version is None:  # first, or after a failure: list, then watch from there
+                        listed = self.conn.core.list_namespaced_service(self.namespace, _request_timeout=(5, 15))
+                        resource_version = listed.metadata.resource_version
+                        health.ok(doing)
+                        delay = 0.5
+                        loop.call_soon_threadsafe(changed.set)
+                    self._watch = watch.Watch()
+                    watching_since = time.monotonic()
                     for event in self._watch.stream(self.conn.core.list_namespaced_service, self.namespace,
-                                                    resource_version=resource_version, timeout_seconds=60,
-                                                    _request_timeout=(10, 75)):  # a frozen apiserver too
+                                                    resource_version=resource_version,
+                                                    timeout_seconds=self.WATCH_SECONDS,
+                                                    _request_timeout=(5, self.WATCH_SECONDS + 15)):
                         resource_version = event["object"].metadata.resource_version
                         loop.call_soon_threadsafe(changed.set)
                 except ApiException as exc:
-                    if exc.status == 410:
+                    if exc.status == 410:  # too old to resume: list again
                         resource_version = None
                         continue
-                    self._stopping.wait(1)
-                except Exception:  # network trouble: retry after a pause
-                    if self._stopping.wait(1):
-                        return
+                    failure = exc
+                except Exception as exc:  # noqa: BLE001 - refused, reset, timed out: the apiserver is away
+                    failure = exc
+                else:
+                    continue  # the server ended the watch on time: resume where it was
+                if self._stopping.is_set():
+                    return
+                resource_version = None
+                if watching_since is not None and time.monotonic() - watching_since > 5:
+                    continue  # a watch that worked, broken once (a proxy's reset): list again at once, quietly
+                health.failed(doing, failure)
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, 4.0)
 
         thread = threading.Thread(target=run, name="velo-watch-services", daemon=True)
         thread.start()
         last = None
-        failing = False
+        doing_reread, delay = "re-reading the cluster", 0.5
         while True:
             await changed.wait()
             await asyncio.sleep(0.2)  # coalesce a burst of events
@@ -248,15 +283,13 @@ class KubernetesSession(ProviderSession):
                     await self._mind_drift()
                 inventory = await self.inventory()
             except ProviderError as exc:  # a transient API error never ends the session: retry
-                if not failing:
-                    log.warning("re-reading the cluster failed: %s (retrying)", str(exc).splitlines()[0])
-                failing = True
-                await asyncio.sleep(2)
+                health.failed(doing_reread, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
                 changed.set()
                 continue
-            if failing:
-                log.warning("reading the cluster works again")
-            failing = False
+            health.ok(doing_reread)
+            delay = 0.5
             if inventory != last:
                 last = inventory
                 yield inventory
@@ -298,8 +331,8 @@ class KubernetesSession(ProviderSession):
                 self._drift.discard(name)
 
     def status(self) -> dict:
-        """Drift for `velo status`: each intercepted Service someone else changed back, when,
-        and whether velo re-applied its swap or the Service has no route to this laptop."""
+        """For `velo status`: the cluster API's health, and each intercepted Service someone
+        else changed back, when, and whether velo re-applied its swap or it has no route."""
         import time
 
         def clock(at: float) -> str:
@@ -321,7 +354,8 @@ class KubernetesSession(ProviderSession):
                          "restart `velo up` to intercept it again)" if event["state"] == "no route"
                          else f": no route to this laptop ({event['state']})")
             notes.append(line)
-        return {"drift": [dict(e) for e in events.values()], "notes": notes, "no_route": no_route}
+        return {"api": self.api_health.status(), "drift": [dict(e) for e in events.values()], "notes": notes,
+                "no_route": no_route}
 
     # ---- the in-cluster side -------------------------------------------------------
 
@@ -372,28 +406,71 @@ class KubernetesSession(ProviderSession):
             say(f"velo: Service {name} now sends its traffic to this laptop")
 
     # ---- live edits -----------------------------------------------------------------
+    #
+    # A live edit goes through the same steps as a start, in the same order: check the
+    # new candidates (``reconfigure``, nothing changes yet), the engine's mesh asks the
+    # gateway for their reverse listeners over the running tunnel (the traffic-proxy
+    # allows every port of PROXY_PORTS, so no pod restart), then ``apply_live`` swaps their
+    # Services once ``path_ready`` confirmed the listeners are bound.
 
     def reload_refused(self, config) -> str | None:
-        """The traffic-proxy and its tunnel belong to [cluster] and [tunnel], and its ports to
-        the candidates: such changes need a new session, which only a restart makes cleanly."""
+        """The traffic-proxy and its tunnel belong to [cluster] and [tunnel]: such changes
+        need a new session, which only a restart makes cleanly."""
         if not self.started:
             return None
         if config.cluster != self.config.cluster or config.tunnel != self.config.tunnel:
             return "[cluster] and [tunnel] changes need a restart of `velo up` (Ctrl-C, then `velo up`)"
-        added = sorted(set(config.local) - set(self.config.local))
-        if added:
-            return (f"intercepting {', '.join(f'[local.{n}]' for n in added)} needs a restart of `velo up` "
-                    "(the traffic-proxy's ports are fixed when it starts)")
         return None
 
     async def reconfigure(self, config) -> None:
-        """A candidate removed from velocity.toml gets its Service back at once."""
-        removed = [name for name in self.intercepted if name not in config.local]
+        """Check each candidate a live edit adds the way ``start`` does (the Service exists,
+        velo can carry it, nobody else holds it), before anything changes; raising refuses
+        the edit.  The cluster is changed by ``apply_live``."""
+        added = [name for name in config.local if name not in self.intercepted] if self.started else []
+        if added:
+            services = {s.metadata.name: s for s in await self._services()}
+            for name in added:
+                svc = services.get(name)
+                if svc is None:
+                    close = difflib.get_close_matches(name, list(services), n=3)
+                    hint = f"; did you mean {', '.join(close)}?" if close else ""
+                    raise ProviderError(f"[local.{name}]: no Service {name} in namespace {self.namespace}{hint}")
+                refuse_candidate(name, svc, original_selector(svc))
+                await asyncio.to_thread(self._check_free, name)
         self.config = config
-        for name in removed:
+
+    async def apply_live(self, say, path_ready) -> None:
+        """After the mesh took the edit: a candidate added is intercepted once the gateway has
+        bound its reverse listeners (else ProviderError, and nothing was changed); one removed
+        gets its Service back at once."""
+        if not self.started:
+            return
+        added = [name for name in self.config.local if name not in self.intercepted]
+        removed = [name for name in self.intercepted if name not in self.config.local]
+        if added:
+            timeout = self.config.cluster.ready_timeout
+            why = await path_ready(timeout)
+            if why:
+                raise ProviderError(f"no path from the traffic-proxy to this laptop for "
+                                    f"{', '.join(f'[local.{n}]' for n in added)} within {timeout:g}s "
+                                    f"(cluster.ready_timeout): {why}; no Service was changed")
+            done: list[str] = []
+            try:
+                for name in added:
+                    ports = {r.service_port: r.gateway_port for r in self._last_reverses if r.service == name}
+                    await asyncio.to_thread(ix.intercept, self.conn, name, self.session,
+                                            lambda s: ix.lease_alive(self.conn, s), ports)
+                    done.append(name)
+            except ProviderError:  # all of the edit or none of it: undo this edit's swaps
+                for name in done:
+                    await asyncio.to_thread(ix.restore, self.conn, name, self.session)
+                raise
+            for name in added:
+                self.intercepted.append(name)
+                say(f"velo: Service {name} now sends its traffic to this laptop")
+        for name in removed:  # ix.restore says "Service X: original selector restored"
             await asyncio.to_thread(ix.restore, self.conn, name, self.session)
             self.intercepted.remove(name)
-            log.warning("Service %s: original selector restored ([local.%s] removed)", name, name)
 
     def _check_free(self, name: str) -> None:
         """Refuse before creating anything, rather than after the traffic-proxy is up."""
@@ -423,8 +500,12 @@ class KubernetesSession(ProviderSession):
                     "--allow", f"*.{self.namespace}.svc.cluster.local:*",
                     *[arg for alias in aliases for arg in ("--allow", alias)],
                     "--session", self.session, "--lease-check", "2",
-                    *(arg for p in proxy_ports for arg in ("--allow-reverse", str(p))),
+                    # The whole range: the pod serves this one token-authenticated session, and a
+                    # candidate added while `velo up` runs gets its listener with no pod restart.
+                    "--allow-reverse", f"{PROXY_PORTS[0]}-{PROXY_PORTS[1] - 1}",
                 ]
+                # Declared for the ports known at start; containerPorts are informational (a
+                # numeric targetPort reaches an undeclared port too, as a live-added one does).
                 container["ports"] = [{"name": "velo-tunnel", "containerPort": tunnel_port},
                                       {"name": "velo-pf", "containerPort": self.portforward_port}] + [
                     {"containerPort": p} for p in proxy_ports
@@ -453,10 +534,13 @@ class KubernetesSession(ProviderSession):
         docs = self._manifests(inventory)
 
         def create(doc):
-            try:
-                return utils.create_from_dict(conn.api, doc, namespace=self.namespace)[0]
+            doing = f"creating {doc['kind']} {doc['metadata']['name']}"
+            try:  # bounded like every other call: a frozen apiserver must not hang the start
+                return utils.create_from_dict(conn.api, doc, namespace=self.namespace, _request_timeout=15)[0]
             except utils.FailToCreateError as exc:
-                raise explain(exc.api_exceptions[0], conn, f"creating {doc['kind']} {doc['metadata']['name']}") from None
+                raise explain(exc.api_exceptions[0], conn, doing) from None
+            except Exception as exc:  # a timeout, a refused connection
+                raise explain(exc, conn, doing) from None
 
         # The Deployment first, scaled to zero: everything else is created owned by it, so
         # deleting that one object (by name) removes the session whatever step failed.
@@ -503,32 +587,34 @@ class KubernetesSession(ProviderSession):
             await asyncio.shield(self._renewing)
 
     async def _renew(self) -> None:
-        """Renew the lease every lease/3; if it is gone anyway (laptop asleep), say so and stop."""
+        """Renew the lease every lease/3, and while the API fails sooner (with backoff), so
+        that the lease is fresh again within seconds of the apiserver's return.  If the
+        Lease is gone anyway (it lapsed while the tunnel was down too, or someone deleted
+        it), say so and stop: the Services were or will be restored."""
         interval = max(1.0, self.config.cluster.lease_seconds / 3)
         name = ix.lease_name(self.session)
-        failing = False
+        doing = "renewing the lease"
+        wait, retry = interval, 0.5
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
             try:
                 await asyncio.to_thread(
                     self.conn.coordination.patch_namespaced_lease, name, self.namespace,
-                    {"spec": {"renewTime": _micro_now()}}, _request_timeout=10)
+                    {"spec": {"renewTime": _micro_now()}}, _request_timeout=(5, 10))
             except ApiException as exc:
                 if exc.status == 404:
-                    raise ProviderError("this session's lease is gone: it lapsed (was the laptop asleep?) and the "
-                                        "cluster restored the Services; run `velo up` again") from None
-                if not failing:
-                    log.warning("renewing the lease failed: %s (retrying; the tunnel keeps the session alive)",
-                                exc.reason)
-                failing = True
-            except Exception as exc:  # network blip: try again next time, the lease has slack
-                if not failing:
-                    log.warning("renewing the lease failed: %s (retrying; the tunnel keeps the session alive)", exc)
-                failing = True
+                    raise ProviderError(f"this session's Lease {name} is gone (it lapsed while this laptop was "
+                                        "away, or someone deleted it): the session ends and its Services are "
+                                        "restored; run `velo up` again") from None
+                failure = exc
+            except Exception as exc:  # noqa: BLE001 - the apiserver is away: try again soon, the lease has slack
+                failure = exc
             else:
-                if failing:
-                    log.warning("renewing the lease works again")
-                failing = False
+                self.api_health.ok(doing)
+                wait, retry = interval, 0.5
+                continue
+            self.api_health.failed(doing, failure)
+            wait, retry = min(retry, interval), min(retry * 2, 4.0)
 
     async def close(self) -> None:
         self._stopping.set()
@@ -588,23 +674,30 @@ def refuse_candidate(name: str, svc, selector: dict) -> None:
                                 "in a Service of its own")
 
 
-PROXY_PORTS = (10000, 20000)
+PROXY_PORTS = (10000, 20000)  # [low, high): the traffic-proxy's ports for intercepted Service ports
 
 
-def assign_proxy_ports(reverses: list[Reverse]) -> list[Reverse]:
+def assign_proxy_ports(reverses: list[Reverse], kept: dict[tuple[str, int], int] | None = None) -> list[Reverse]:
     """A distinct traffic-proxy port per intercepted Service port, stable across runs (the
-    Service's targetPort is pointed at it during the intercept and restored after)."""
+    Service's targetPort is pointed at it during the intercept and restored after).
+
+    ``kept`` maps (service, service port) to a port already given out in this session: those
+    keep it, whatever is added beside them; new ones probe around them."""
     import dataclasses
     import zlib
 
     low, high = PROXY_PORTS
-    taken: set[int] = set()
+    kept = {key: port for key, port in (kept or {}).items()
+            if any((r.service, r.service_port) == key for r in reverses)}
+    taken: set[int] = set(kept.values())
     assigned = []
     for reverse in sorted(reverses, key=lambda r: (r.service, r.service_port)):
-        port = low + zlib.crc32(f"{reverse.service}/{reverse.service_port}".encode()) % (high - low)
-        while port in taken:
-            port = low + (port - low + 1) % (high - low)
-        taken.add(port)
+        port = kept.get((reverse.service, reverse.service_port))
+        if port is None:
+            port = low + zlib.crc32(f"{reverse.service}/{reverse.service_port}".encode()) % (high - low)
+            while port in taken:
+                port = low + (port - low + 1) % (high - low)
+            taken.add(port)
         assigned.append(dataclasses.replace(reverse, gateway_port=port))
     return assigned
 
