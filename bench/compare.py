@@ -5,14 +5,20 @@ Arms, all to the same nginx:
   direct       client -> nginx
   velo-<b>     client -> `velo up` -> tunnel over backend <b> -> `velo gateway` -> nginx,
                for every backend (websocket, h2, and the tcp plugin when installed)
-  kubectl      client -> `kubectl port-forward` -> test kube-apiserver -> kwok (pods/portforward) -> nginx
+  velo-port-forward
+               client -> `velo up` -> test kube-apiserver -> kwok (pods/portforward of pod
+               bench-gateway) -> `velo gateway`'s port-forward:// listener -> nginx
+               (with the cluster only: `[tunnel.port-forward] pod = "bench-gateway"`)
+  kubectl      client -> `kubectl port-forward` -> test kube-apiserver -> kwok (pods/portforward) -> nginx,
+               kubectl's default protocol: SPDY tunnelled over a WebSocket (KEP 4006)
+  kubectl-spdy the same with KUBECTL_PORT_FORWARD_WEBSOCKETS=false: the legacy SPDY upgrade
 
 Measured per arm: 1 KiB keep-alive req/s and p50/p99 at 1, 8 and 32 connections (wrk),
 the first byte of a new connection through the warm path (connect, GET, first byte;
 p50/p99 of --first-byte-samples), and one 64 MiB download (curl).  Twice: on loopback,
 and over an emulated WAN (toxiproxy, bench/wan.py) with --latency-ms added each way on
 the laptop -> cluster hop of every arm (direct: before nginx; velo: before the gateway;
-kubectl: before the apiserver), plus a 1 Gbit/s cap for the download.  Arms are
+kubectl and velo-port-forward: before the apiserver), plus a 1 Gbit/s cap for the download.  Arms are
 interleaved and rotated over --rounds rounds; medians are reported with ratios to direct.
 
     .venv/bin/python bench/compare.py                 # full run (about 15 minutes)
@@ -39,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
@@ -69,6 +76,9 @@ BACKENDS = [  # (backend, --listen scheme, path)
     ("h2", "http", "/velo"),
     ("tcp", "tcp", ""),
 ]
+PORT_FORWARD = ("port-forward", "port-forward", "")
+"""Through the apiserver like kubectl: only with the test cluster (not with --no-kubectl)."""
+GATEWAY_POD = "bench-gateway"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -119,6 +129,8 @@ class Compare:
         self.ports: dict[str, int] = {}
         self.gateway_urls: dict[str, str] = {}
         self.backends = [b for b in BACKENDS if b[0] != "tcp" or self._has_plugin("velo-tcp")]
+        if not args.no_kubectl:
+            self.backends.append(PORT_FORWARD)
         self.cluster = None
         self.toxiproxy: Toxiproxy | None = None
         self.notes: list[str] = []
@@ -157,7 +169,7 @@ class Compare:
         argv = [sys.executable, "-m", "velo", "gateway", "--allow", f"127.0.0.1:{self.ports['nginx']}",
                 "--ready-file", str(ready)]
         for backend, scheme, path in self.backends:
-            argv += ["--listen", f"{scheme}://127.0.0.1:0{path}"]
+            argv += ["--listen", f"{scheme}://127.0.0.1:0{path}"]  # port-forward:// stays on loopback
         proc = self.procs.start("gateway", argv, env=self.env)
         text = wait_for("the gateway", lambda: ready.exists() and ready.read_text().strip(), 20, proc,
                         self.procs, "gateway")
@@ -168,7 +180,9 @@ class Compare:
                     self.gateway_urls[backend] = line
 
     def start_cluster(self) -> None:
-        """The test control plane, a pod on the kwok node, and a kwok PortForward to nginx."""
+        """The test control plane, two pods on the kwok node: bench-nginx, whose kwok
+        PortForward goes to nginx (the kubectl arm), and bench-gateway, whose PortForward goes
+        to the gateway's port-forward:// listener (velo-port-forward)."""
         from tests.cluster.harness import Cluster, binaries_ready
 
         if not binaries_ready():
@@ -190,10 +204,31 @@ metadata: {{name: bench-nginx, namespace: default}}
 spec:
   forwards: [{{ports: [80], target: {{address: 127.0.0.1, port: {self.ports['nginx']}}}}}]
 """
+        pf_url = self.gateway_urls.get("port-forward")
+        if pf_url:
+            from velo.backends.portforward import DEFAULT_PORT
+
+            pf_port = urlsplit(pf_url).port
+            manifest += f"""
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: {GATEWAY_POD}, namespace: default}}
+spec:
+  nodeName: {self.cluster.node_name}
+  containers: [{{name: gateway, image: registry.invalid/velo-gateway, ports: [{{containerPort: {DEFAULT_PORT}}}]}}]
+---
+apiVersion: kwok.x-k8s.io/v1alpha1
+kind: PortForward
+metadata: {{name: {GATEWAY_POD}, namespace: default}}
+spec:
+  forwards: [{{ports: [{DEFAULT_PORT}], target: {{address: 127.0.0.1, port: {pf_port}}}}}]
+"""
         path = self.tmp / "bench-pod.yaml"
         path.write_text(manifest)
         self.cluster.kubectl("apply", "-f", str(path))
-        self.cluster.kubectl("wait", "--for=condition=Ready", "pod/bench-nginx", "--timeout=60s", timeout=90)
+        pods = ["pod/bench-nginx"] + ([f"pod/{GATEWAY_POD}"] if pf_url else [])
+        self.cluster.kubectl("wait", "--for=condition=Ready", *pods, "--timeout=60s", timeout=90)
         self.ports["apiserver"] = int(self.cluster.server.rsplit(":", 1)[1])
 
     # ---- one phase: loopback or WAN -------------------------------------------------------
@@ -207,18 +242,23 @@ spec:
         else:
             arms["direct"] = nginx
         for backend, _, _ in self.backends:
+            if backend == "port-forward":  # the laptop dials the apiserver, not the gateway
+                kubeconfig = self.kubeconfig(phase, f"velo-{backend}", wan)
+                table = f'pod = "{GATEWAY_POD}"\nnamespace = "default"\nkubeconfig = "{kubeconfig}"'
+                arms[f"velo-{backend}"] = self.start_up(phase, backend, table)
+                continue
             url = self.gateway_urls[backend]
             if wan:
                 gw_port = int(url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)[1])
                 hop = self.toxiproxy.hop(f"velo-{backend}", gw_port, self.args.latency_ms)
                 url = url.replace(f":{gw_port}", f":{hop}", 1)
-            arms[f"velo-{backend}"] = self.start_up(phase, backend, url)
+            arms[f"velo-{backend}"] = self.start_up(phase, backend, f'url = "{url}"')
         if self.cluster is not None:
-            server = self.cluster.server
-            if wan:
-                hop = self.toxiproxy.hop("kubectl", self.ports["apiserver"], self.args.latency_ms)
-                server = server.rsplit(":", 1)[0] + f":{hop}"
-            arms["kubectl"] = self.start_port_forward(phase, server)
+            # kubectl's default since 1.31 tunnels SPDY over a WebSocket (KEP 4006); the
+            # legacy SPDY upgrade beside it says which of the apiserver's protocols serves better.
+            arms["kubectl"] = self.start_port_forward(phase, self.kubeconfig(phase, "kubectl", wan), "kubectl")
+            arms["kubectl-spdy"] = self.start_port_forward(phase, self.kubeconfig(phase, "kubectl-spdy", wan),
+                                                           "kubectl-spdy", websockets=False)
         for arm, port in arms.items():  # warm: the tunnel (or port-forward) carries a request
             wait_for(f"{arm} to answer", lambda p=port: self._get_ok(p), 30)
         return arms
@@ -230,13 +270,26 @@ spec:
         except (OSError, BenchError):
             return False
 
-    def start_up(self, phase: str, backend: str, url: str) -> int:
+    def kubeconfig(self, phase: str, arm: str, wan: bool) -> Path:
+        """The test cluster's kubeconfig; on the WAN phase its server is ``arm``'s own hop to the
+        apiserver (so the download's bandwidth cap applies to that arm alone)."""
+        server = self.cluster.server
+        if wan:
+            hop = self.toxiproxy.hop(arm, self.ports["apiserver"], self.args.latency_ms)
+            server = server.rsplit(":", 1)[0] + f":{hop}"
+        kubeconfig = self.tmp / f"kubeconfig-{phase}-{arm}"
+        kubeconfig.write_text(Path(self.cluster.kubeconfig).read_text().replace(self.cluster.server, server))
+        return kubeconfig
+
+    def start_up(self, phase: str, backend: str, table: str) -> int:
+        """`velo up` (static provider) forwarding "web" to nginx; ``table`` is the body of
+        ``[tunnel.<backend>]``."""
         folder = self.tmp / f"{phase}-{backend}"
         folder.mkdir()
         port = free_port()
         (folder / "velocity.toml").write_text(
             f'[project]\nname = "bench-{phase}-{backend}"\n\n[tunnel]\ntoken_env = "VELO_TOKEN"\n\n'
-            f'[tunnel.{backend}]\nurl = "{url}"\n\n[remote.services.web]\n'
+            f'[tunnel.{backend}]\n{table}\n\n[remote.services.web]\n'
             f'target = "127.0.0.1:{self.ports["nginx"]}"\nlocal_port = {port}\n')
         name = f"up-{phase}-{backend}"
         proc = self.procs.start(name, [sys.executable, "-m", "velo", "up", "-c", str(folder / "velocity.toml")],
@@ -244,14 +297,12 @@ spec:
         wait_for(f"velo up ({backend}) to listen", lambda: accepts(port), 30, proc, self.procs, name)
         return port
 
-    def start_port_forward(self, phase: str, server: str) -> int:
-        kubeconfig = self.tmp / f"kubeconfig-{phase}"
-        text = Path(self.cluster.kubeconfig).read_text().replace(self.cluster.server, server)
-        kubeconfig.write_text(text)
+    def start_port_forward(self, phase: str, kubeconfig: Path, arm: str, websockets: bool = True) -> int:
         port = free_port()
-        name = f"kubectl-{phase}"
+        name = f"{arm}-{phase}"
+        env = dict(os.environ, KUBECTL_PORT_FORWARD_WEBSOCKETS="true" if websockets else "false")
         proc = self.procs.start(name, [self.cluster.kubectl_path, f"--kubeconfig={kubeconfig}", "port-forward",
-                                       "pod/bench-nginx", f"{port}:80", "--address=127.0.0.1"])
+                                       "pod/bench-nginx", f"{port}:80", "--address=127.0.0.1"], env=env)
         wait_for("kubectl port-forward to listen", lambda: accepts(port), 30, proc, self.procs, name)
         return port
 
@@ -346,6 +397,17 @@ spec:
             if kube and rps:
                 out.append(f"- loopback, 32 connections: {arm} {rps / kube:.1f}x kubectl port-forward's req/s "
                            f"(target >= 5x): {'PASS' if rps >= 5 * kube else 'FAIL'}")
+        for c in self.args.connections if "velo-port-forward" in velo else ():
+            rps, kube_c = self.med("loopback", "velo-port-forward", f"c{c}", "rps"), \
+                self.med("loopback", "kubectl", f"c{c}", "rps")
+            if rps and kube_c:
+                out.append(f"- loopback, {c} conn: velo-port-forward {rps / kube_c:.1f}x kubectl port-forward's "
+                           f"req/s (target > 1x, same apiserver and kwok): {'PASS' if rps > kube_c else 'FAIL'}")
+        for phase in ("loopback", "wan"):
+            bulk, kube_b = self.med(phase, "velo-port-forward", "bulk"), self.med(phase, "kubectl", "bulk")
+            if bulk and kube_b:
+                out.append(f"- {phase}, 64 MiB download: velo-port-forward {bulk:.0f} MB/s vs kubectl port-forward "
+                           f"{kube_b:.0f} MB/s (target > 1x): {'PASS' if bulk > kube_b else 'FAIL'}")
         added = 2 * self.args.latency_ms
         direct_fb = self.med("wan", "direct", "fb", "p50")
         for arm in velo:
@@ -380,11 +442,13 @@ spec:
             "",
             self.table("loopback", arms),
             "",
-            f"## Emulated WAN: {self.args.latency_ms:g} ms added each way (toxiproxy), "
-            "1 Gbit/s cap for the download",
-            "",
-            self.table("wan", arms),
-            "",
+            *([] if self.args.no_wan else [
+                f"## Emulated WAN: {self.args.latency_ms:g} ms added each way (toxiproxy), "
+                "1 Gbit/s cap for the download",
+                "",
+                self.table("wan", arms),
+                "",
+            ]),
             "## Targets",
             "",
             *self.targets(arms),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -113,7 +114,7 @@ class Procs:
         return int(wait_for(lambda: ready.exists() and ready.read_text(), 15, f"{kind} server to listen"))
 
     def gateway(self, *allow: str, port: int = 0, token: str = TOKEN, scheme: str = "ws", extra=(),
-                allow_reverse=()) -> "Gateway":
+                allow_reverse=(), env: dict | None = None, cwd: Path | None = None) -> "Gateway":
         ready = self.tmp / f"gateway-{len(self.all)}.ready"
         path = "/velo" if scheme in ("ws", "wss") else ""
         args = [sys.executable, "-m", "velo", "gateway", "--listen", f"{scheme}://127.0.0.1:{port}{path}",
@@ -122,7 +123,7 @@ class Procs:
             args += ["--allow", pattern]
         for reverse_port in allow_reverse:
             args += ["--allow-reverse", str(reverse_port)]
-        proc = self.start("gateway", args, env={"VELO_TOKEN": token})
+        proc = self.start("gateway", args, env={"VELO_TOKEN": token, **(env or {})}, cwd=cwd)
         url = wait_for(lambda: ready.exists() and ready.read_text().strip(), 15, "gateway to listen")
         return Gateway(proc, url, int(url.rsplit(":", 1)[1].split("/")[0]))
 
@@ -190,20 +191,21 @@ class Up:
         return next(f for f in self.status()["forwards"] if f["name"].split("/")[0] == service)
 
 
-def write_config(path: Path, *, gateway_url: str, remote: dict[str, str] | None = None,
+def write_config(path: Path, *, gateway_url: str | None, remote: dict[str, str] | None = None,
                  local: dict[str, tuple[int, int]] | None = None, backend: str = "websocket",
                  extra: str = "", token_env: str = "VELO_TEST_TOKEN", settings: dict | None = None,
                  free_ports: bool = False, keepalive: tuple[float, float] = (1.0, 3.0)) -> Path:
     """A static-provider velocity.toml: remote = {name: "host:port"}, local = {name: (port, expose)}.
 
-    ``settings`` are more keys of the backend's own table (e.g. ca_file). ``free_ports``
+    ``settings`` are more keys of the backend's own table (e.g. ca_file; no ``gateway_url``:
+    the table names the gateway otherwise, e.g. port-forward's pod). ``free_ports``
     pins each remote's local port to a free one instead of velo's stable default, for
     tests that run while other checkouts run the same test on this machine."""
     lines = [
         '[project]', 'name = "test"', '',
         '[tunnel]', f'token_env = "{token_env}"',
         'reconnect_max_delay = 0.5', f'keepalive_interval = {keepalive[0]}', f'keepalive_timeout = {keepalive[1]}', '',
-        f'[tunnel.{backend}]', f'url = "{gateway_url}"',
+        f'[tunnel.{backend}]', *([f'url = "{gateway_url}"'] if gateway_url else []),
         *(f"{key} = {json.dumps(value)}" for key, value in (settings or {}).items()), '',
     ]
     for name, (port, expose) in (local or {}).items():
@@ -220,3 +222,52 @@ def status_cli(config: Path) -> dict:
     out = subprocess.run([sys.executable, "-m", "velo", "status", "--json", "-c", str(config)],
                          capture_output=True, text=True, timeout=30)
     return json.loads(out.stdout)
+
+
+class KwokPod:
+    """A pod on the kwok node whose pods/portforward reaches a port of this machine (a kwok
+    ``PortForward`` of the same name), standing in for a pod a user runs `velo gateway` in."""
+
+    def __init__(self, cluster, namespace: str, node: str | None = None) -> None:
+        self.cluster, self.namespace = cluster, namespace
+        self.node = node or cluster.node_name  # another name: a pod no kubelet runs (stays Pending)
+        self.name = f"gateway-{secrets.token_hex(3)}"
+        from velo.backends.portforward import DEFAULT_PORT
+
+        self.port = DEFAULT_PORT  # [tunnel.port-forward] port's default, so a config need not say it
+        self.target: int | None = None
+
+    def forward_to(self, target: int) -> None:
+        """The pod exists (Ready, on the kwok node), and its port goes to 127.0.0.1:``target``."""
+        from kubernetes import client
+
+        body = {"apiVersion": "kwok.x-k8s.io/v1alpha1", "kind": "PortForward",
+                "metadata": {"name": self.name, "namespace": self.namespace},
+                "spec": {"forwards": [{"ports": [self.port], "target": {"address": "127.0.0.1", "port": target}}]}}
+        custom = self.cluster.custom
+        if self.target is None:
+            self.cluster.core.create_namespaced_pod(self.namespace, client.V1Pod(
+                metadata=client.V1ObjectMeta(name=self.name),
+                spec=client.V1PodSpec(node_name=self.node, containers=[client.V1Container(
+                    name="gateway", image="registry.invalid/velo-gateway",
+                    ports=[client.V1ContainerPort(container_port=self.port)])])))
+            custom.create_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", self.namespace, "portforwards", body)
+            if self.node == self.cluster.node_name:
+                self.cluster.kubectl("wait", "--for=condition=Ready", f"pod/{self.name}", "-n", self.namespace,
+                                     "--timeout=60s", timeout=90)
+        elif target != self.target:
+            custom.patch_namespaced_custom_object("kwok.x-k8s.io", "v1alpha1", self.namespace, "portforwards",
+                                                  self.name, {"spec": body["spec"]})
+        self.target = target
+
+    def delete(self) -> None:
+        if self.target is None:
+            return
+        for delete in (lambda: self.cluster.custom.delete_namespaced_custom_object(
+                           "kwok.x-k8s.io", "v1alpha1", self.namespace, "portforwards", self.name),
+                       lambda: self.cluster.core.delete_namespaced_pod(self.name, self.namespace,
+                                                                       grace_period_seconds=0)):
+            try:
+                delete()
+            except Exception:  # noqa: BLE001 - the namespace goes at the end of the module anyway
+                pass

@@ -19,6 +19,7 @@ import psutil
 import pytest
 
 from tests.helpers import TOKEN, free_port, http_get, status_cli, wait_for, write_config
+from velo.protocol import PROTOCOL
 
 # Large transfers, 500 streams, the stalled reader, restarts, bad tokens and silent peers
 # are checked for every backend in tests/conformance/.
@@ -577,7 +578,7 @@ def test_caps_on_streams_header_control_and_tunnels(procs, tmp_path):
         assert not big.closed.done()
         # control messages: a flood of them closes that tunnel
         chatty = await Hostile(gateway.url).connect()
-        control = chatty.open({"op": "control", "session": "hostile", "client": "x"})
+        control = chatty.open({"op": "control", "session": "hostile", "client": "x", "protocol": PROTOCOL})
         for _ in range(10):
             chatty.send(control, {"op": "reverse", "listeners": []})
         assert await asyncio.wait_for(chatty.closed, 10)

@@ -26,7 +26,8 @@ import pytest
 
 from tests.servers import Echo
 
-from velo.mux.frames import FLAG_ACK, FLAG_SYN, HEADER, HEADER_SIZE, TYPE_PING, encode_frame
+from velo import protocol
+from velo.mux.frames import FLAG_ACK, FLAG_SYN, HEADER, HEADER_SIZE, TYPE_DATA, TYPE_PING, encode_frame
 
 TOKEN = "tcp-plugin-test-token"
 PLUGIN_DIR = Path(__file__).resolve().parent.parent / "plugins" / "velo-tcp"
@@ -563,9 +564,17 @@ def test_client_keeps_bytes_that_arrive_with_ok(plugin_installed, tcp_procs, tmp
                 line, _, rest = bytes(greeting).partition(b"\n")
                 seen["greeting"] = line
                 conn.sendall(b"OK\n" + encode_frame(TYPE_PING, FLAG_SYN, 0, 0xBEEF))
-                read_frames(conn, bytearray(rest),
+                frames = bytearray(rest)
+                read_frames(conn, frames,
                             lambda t, f, sid, n: t == TYPE_PING and f & FLAG_ACK and n == 0xBEEF, 20)
                 seen["pong"] = True
+                # answer the control stream as a gateway does: its reply, then the hello
+                control = []
+                read_frames(conn, frames, lambda t, f, sid, n: f & FLAG_SYN and sid % 2 == 1
+                            and not control.append(sid), 20)
+                hello = {"op": protocol.OP_HELLO, "version": "test", "protocol": protocol.PROTOCOL}
+                conn.sendall(encode_frame(TYPE_DATA, FLAG_ACK, control[0],
+                                          payload=protocol.OK_REPLY + protocol.encode(hello)))
                 # stay connected until the test is done
                 recv_all(conn, 30)
         except Exception as exc:  # reported by the assertions below

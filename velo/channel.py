@@ -25,11 +25,15 @@ class MessageChannel(asyncio.Transport):
         self._reader = protocol.MessageReader()
         self._protocol: asyncio.Protocol | None = None
         self._closing = False
+        self._queued: list[dict] = []  # sent before the stream was attached
 
     # the tunnel side sees a socket
     def attach(self, bridge: asyncio.Protocol) -> None:
         self._protocol = bridge
-        bridge.connection_made(self)
+        bridge.connection_made(self)  # the acceptor's reply goes first
+        queued, self._queued = self._queued, []
+        for message in queued:
+            self.send(message)
 
     def write(self, data) -> None:
         if self._closing:
@@ -74,5 +78,11 @@ class MessageChannel(asyncio.Transport):
 
     # the Python side sends messages
     def send(self, message: dict) -> None:
-        if not self._closing and self._protocol is not None:
-            self._protocol.data_received(protocol.encode(message))
+        """Towards the peer; before the stream is attached, held until it is (a gateway's
+        hello is said before its resolve callback even returned the channel)."""
+        if self._closing:
+            return
+        if self._protocol is None:
+            self._queued.append(message)
+            return
+        self._protocol.data_received(protocol.encode(message))

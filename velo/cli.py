@@ -267,8 +267,8 @@ def cmd_config_check(args) -> int:
     plan = _plan(config)
     print(f"{config.source_path}: ok")
     tunnel = config.tunnel
-    tried = [f"{name} {getattr(tunnel.table(name), 'url', None) or '(through the provider)'}"
-             for name in tunnel.preference]
+    gateway = lambda table: table.gateway() if hasattr(table, "gateway") else getattr(table, "url", None)
+    tried = [f"{name} {gateway(tunnel.table(name)) or '(through the provider)'}" for name in tunnel.preference]
     print(f"project {config.project.name}: provider {config.cluster.provider}, tunnel {' -> '.join(tried)}")
     for line in describe(plan):
         print(line)

@@ -18,7 +18,7 @@ import logging
 import os
 import time
 
-from velo import protocol
+from velo import __version__, protocol
 from velo.channel import MessageChannel
 from velo.mux import SessionClosedError
 from velo.plugins import backend_for_scheme
@@ -149,10 +149,11 @@ class ReverseListener:
 class ClientSession:
     """One laptop, identified by the session id it announces on its control stream."""
 
-    def __init__(self, gateway: "Gateway", session_id: str, client: str, tunnel: Tunnel):
+    def __init__(self, gateway: "Gateway", session_id: str, client: str, tunnel: Tunnel, version: str = ""):
         self.gateway = gateway
         self.id = session_id
         self.client = client
+        self.version = version  # the client's velo release (same protocol as ours)
         self.tunnel: Tunnel | None = tunnel
         self.channel: MessageChannel | None = None
         self.listeners: dict[str, ReverseListener] = {}
@@ -285,10 +286,35 @@ class Gateway:
             self.policy.check(host, port)
             return host, port
         if op == protocol.OP_CONTROL:
-            return self._attach_session(tunnel, str(header.get("session") or "")[:100], str(header.get("client") or "?")[:200])
+            client = str(header.get("client") or "?")[:200]
+            version, number = protocol.peer_release(header)
+            if number != protocol.PROTOCOL:
+                return self._incompatible(tunnel, client, version, number)
+            return self._attach_session(tunnel, str(header.get("session") or "")[:100], client, version)
         raise Refused(f"unknown stream op {op!r}")
 
-    def _attach_session(self, tunnel: Tunnel, session_id: str, client: str) -> MessageChannel:
+    def hello(self, error: str = "") -> dict:
+        """The gateway's first control message: its release and protocol (and why it refuses)."""
+        message = {"op": protocol.OP_HELLO, "version": __version__, "protocol": protocol.PROTOCOL}
+        if error:
+            message["error"] = error
+        return message
+
+    def _incompatible(self, tunnel: Tunnel, client: str, version: str, number: int) -> MessageChannel:
+        """A client of another protocol: one line here, our hello there (so that it can say
+        the same on its side), and its tunnel closed; it gets no session and no stream."""
+        theirs = f"velo {version}" if version else "the release that client runs"
+        why = (f"{protocol.describe_release(__version__, protocol.PROTOCOL)} cannot serve client {client}, "
+               f"which runs {protocol.describe_release(version, number)}: install velo {__version__} there, "
+               f"or run this gateway from {theirs} (for a traffic-proxy: that release's image)")
+        self.log_once(log, logging.WARNING, f"incompatible:{client}:{version}:{number}", "refusing a tunnel from %s: %s",
+                      tunnel.peer, why)
+        channel = MessageChannel(lambda _message: None)
+        channel.send(self.hello(why))  # queued: goes out right after the stream's reply
+        asyncio.get_running_loop().call_soon(tunnel.close, why)  # after that reply and hello are queued
+        return channel
+
+    def _attach_session(self, tunnel: Tunnel, session_id: str, client: str, version: str = "") -> MessageChannel:
         if not session_id:
             raise Refused("control stream without a session id")
         if any(s.tunnel is tunnel for s in self.sessions.values()):
@@ -300,10 +326,11 @@ class Gateway:
             old.detach()
             if old_tunnel is not None and old_tunnel is not tunnel:
                 old_tunnel.abort("replaced by a newer tunnel of the same session")
-        session = ClientSession(self, session_id, client, tunnel)
+        session = ClientSession(self, session_id, client, tunnel, version)
         session.channel = MessageChannel(session.on_message)
+        session.channel.send(self.hello())  # before any reverse-status: it says which release answers
         self.sessions[session_id] = session
-        log.info("session %s (%s) attached from %s", session_id, client, tunnel.peer)
+        log.info("session %s (%s, velo %s) attached from %s", session_id, client, version, tunnel.peer)
         return session.channel
 
     def _tunnel_closed(self, tunnel: Tunnel) -> None:

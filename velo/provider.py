@@ -72,6 +72,17 @@ class ProviderSession:
     async def keepalive(self) -> None:
         """Runs for the life of `velo up` (e.g. renewing a lease); raising stops velo with its message."""
 
+    def status(self) -> dict:
+        """What `velo status` (and ``--json``, under ``cluster``) shows of the remote side.
+
+        JSON-able data of the provider's own shape (kubernetes: ``api``, the cluster API's
+        health while the session rides out an outage; ``drift``).  Two keys mean something
+        to the core: ``notes``, lines for the human view (a degraded state such as a Service
+        someone else changed back), and ``no_route``, {service name: why}: that Service's
+        reverse routes show "no route: why" although their listeners are bound.
+        """
+        return {}
+
     async def repair(self, everything: bool = False) -> list[str]:
         """Undo what crashed sessions left behind; ``everything``: all of this user's sessions."""
         return []

@@ -29,6 +29,8 @@ def status_table(status: dict) -> Group:
     )
     if tunnel.get("up_since"):
         head.append(f"  up {time.time() - tunnel['up_since']:.0f}s")
+    if tunnel.get("peer_version") and state == "up":
+        head.append(f"  gateway velo {tunnel['peer_version']}")
     parts = []
     if status.get("project"):
         parts.append(Text(f"project {status['project']}  provider {status.get('provider', '?')}  "
@@ -36,6 +38,10 @@ def status_table(status: dict) -> Group:
     parts.append(head)
     if tunnel.get("last_error") and state != "up":
         parts.append(Text(f"last error: {tunnel['last_error']}", style="red"))
+    api = (status.get("cluster") or {}).get("api") or {}
+    if api.get("state") == "failing":  # degraded, ridden out: forwards and the tunnel keep working
+        since = f" for {time.time() - api['since']:.0f}s" if api.get("since") else ""
+        parts.append(Text(f"cluster API failing{since} ({api.get('error')}); retrying", style="yellow"))
     table = Table(expand=False, box=None, header_style="bold")
     for column in ("", "name", "listen", "target"):
         table.add_column(column, no_wrap=True, overflow="fold")
@@ -50,6 +56,8 @@ def status_table(status: dict) -> Group:
                       str(rev.get("total", 0)), _bytes(rev.get("bytes_up", 0)), _bytes(rev.get("bytes_down", 0)),
                       r["state"] if r["state"] != "listening" else str(rev.get("errors", 0)))
     parts.append(table)
+    for note in (status.get("cluster") or {}).get("notes") or []:  # e.g. a Service changed back
+        parts.append(Text(note, style="yellow"))
     if status.get("candidates"):
         parts.append(candidates_table(status["candidates"]))
     if status.get("last_reload_error"):

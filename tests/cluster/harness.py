@@ -481,6 +481,10 @@ class Cluster:
 
     # ---- processes --------------------------------------------------------------------------
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None, cwd: str | None = None) -> None:
+        # recorded so that start_component() can bring it back exactly as it was (only the
+        # variables that differ from ours: the state dir need not hold a copy of the environment)
+        delta = None if env is None else {k: v for k, v in env.items() if os.environ.get(k) != v}
+        (self.pids / f"{name}.cmd.json").write_text(json.dumps({"argv": argv, "env": delta, "cwd": cwd}))
         logf = open(self.logs / f"{name}.log", "ab")
         try:
             p = subprocess.Popen(argv, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -715,6 +719,59 @@ class Cluster:
         for name in ("portforwards.kwok.x-k8s.io", "clusterportforwards.kwok.x-k8s.io"):
             self._wait("kube-apiserver", lambda name=name: established(name), 60, f"CRD {name} Established")
 
+    # ---- one component down and back (an apiserver restart during a test) -------------------
+    def stop_component(self, name: str, grace: float = 20) -> None:
+        """Terminate one component (SIGTERM, SIGKILL after ``grace``) and wait until it is gone:
+        for kube-apiserver, connections to its port are refused from then on.  (On SIGTERM the
+        apiserver closes its listener at once, then drains for about 60 s before it exits; the
+        grace cuts that short.)"""
+        rec = read_pidfile(self.pids / f"{name}.pid")
+        if rec is None or not pid_alive(*rec):
+            raise ClusterError(f"{name} is not running")
+        kill_and_wait(rec[0], rec[1], grace=grace, popen=self._popen.get(name))
+        if name == "kube-apiserver":
+            port = self.info["ports"]["apiserver"]
+            wait_for(lambda: not _accepts("127.0.0.1", port), 10, f"port {port} to refuse connections")
+
+    def start_component(self, name: str, timeout: float = 120) -> None:
+        """Start a stopped component again with the same command line (ports, certificates,
+        flags) that started it; for kube-apiserver, return once /readyz answers."""
+        recorded = json.loads((self.pids / f"{name}.cmd.json").read_text())
+        if self._alive(name):
+            raise ClusterError(f"{name} is already running")
+        env = None if recorded["env"] is None else {**os.environ, **recorded["env"]}
+        self._spawn(name, recorded["argv"], env=env, cwd=recorded["cwd"])
+        if name == "kube-apiserver":
+            self._wait(name, lambda: self._https_ok(f"{self.server}/readyz"), timeout, "kube-apiserver /readyz",
+                       deps=["etcd"])
+
+    def wait_clients_reconnected(self, timeout: float = 120) -> None:
+        """After an apiserver restart: prove the components that watch it work again, for the
+        tests that come next.  The controller-manager creates a new namespace's `default`
+        ServiceAccount, kwok runs a pod on its node, and the pod runner is still alive (its
+        watches relist on any error, tests/cluster/podrunner.py)."""
+        probe = f"velo-reconnect-{secrets.token_hex(3)}"
+        st, body = self.rest("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                            "metadata": {"name": probe}})
+        if st != 201:
+            raise ClusterError(f"creating namespace {probe}: HTTP {st}: {body}")
+        try:
+            self._wait("kube-controller-manager",
+                       lambda: self.rest("GET", f"/api/v1/namespaces/{probe}/serviceaccounts/default")[0] == 200,
+                       timeout, f"ServiceAccount {probe}/default after the apiserver restart")
+            st, body = self.rest("POST", f"/api/v1/namespaces/{probe}/pods", {
+                "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe"},
+                "spec": {"nodeName": self.node_name, "containers": [{"name": "c", "image": "probe"}]}})
+            if st != 201:
+                raise ClusterError(f"creating pod {probe}/probe: HTTP {st}: {body}")
+            self._wait("kwok", lambda: (self.rest("GET", f"/api/v1/namespaces/{probe}/pods/probe")[1] or {})
+                       .get("status", {}).get("phase") == "Running",
+                       timeout, f"pod {probe}/probe Running (set by kwok) after the apiserver restart")
+            if (self.pids / "podrunner.pid").exists() and not self._alive("podrunner"):
+                raise self._fail("podrunner", "exited during the apiserver restart")
+        finally:
+            self.rest("DELETE", f"/api/v1/namespaces/{probe}")
+
     # ---- stop / status ----------------------------------------------------------------------
     def stop(self, quiet: bool = False) -> None:
         """Kill every component (process group) and every pod/service process; remove the netns."""
@@ -811,6 +868,14 @@ class Cluster:
             kill_and_wait(rec[0], rec[1], grace=5, popen=self._popen.pop(f"net:{namespace}_{name}", None))
         pidfile.unlink(missing_ok=True)
         self.rest("DELETE", f"/api/v1/namespaces/{namespace}/services/{name}")
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
 
 
 # --------------------------------------------------------------------------------------------

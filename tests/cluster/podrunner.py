@@ -18,7 +18,7 @@ What the process gets (like a container would):
     containerPort to that port, so port-forwarding through the apiserver reaches the process;
   * with a network namespace (see README.md): the process runs inside it, with a private
     /etc/hosts resolving Services (name, name.ns, name.ns.svc, name.ns.svc.cluster.local) to their
-    ClusterIPs; the apiserver is reached through the ``kubernetes`` Service IP (10.96.0.1:443),
+    ClusterIPs, and headless Services to their ready endpoints' pod IPs (EndpointSlices); the apiserver is reached through the ``kubernetes`` Service IP (10.96.0.1:443),
     relayed by this runner.
 
 stdout/stderr go to STATE_DIR/pods/<ns>_<pod>.log; STATE_DIR/pods/<ns>_<pod>.json describes the
@@ -245,6 +245,19 @@ class PodProc:
         self.pod = pod
 
 
+def _slice_records(endpoint_slice: Any) -> tuple[str, list[tuple[str, str | None]]]:
+    """(service name, [(address, hostname)]) of an EndpointSlice's ready IPv4 endpoints."""
+    service = (endpoint_slice.metadata.labels or {}).get("kubernetes.io/service-name", "")
+    records = []
+    if endpoint_slice.address_type == "IPv4":
+        for endpoint in endpoint_slice.endpoints or []:
+            ready = endpoint.conditions.ready if endpoint.conditions else None
+            if ready is False:  # nil means ready (EndpointSlice API)
+                continue
+            records += [(address, endpoint.hostname) for address in endpoint.addresses or []]
+    return service, records
+
+
 class PodRunner:
     def __init__(self, state_dir: str):
         from kubernetes import client, config
@@ -264,12 +277,14 @@ class PodRunner:
         self.lock = threading.Lock()
         self.pods: dict[str, Any] = {}             # uid -> latest V1Pod on our node
         self.services: dict[tuple[str, str], str] = {}  # (ns, name) -> ClusterIP
+        self.headless: set[tuple[str, str]] = set()     # (ns, name) of Services with clusterIP None
+        self.slices: dict[tuple[str, str], tuple[str, list]] = {}  # (ns, slice) -> (service, [(ip, hostname)])
         self.procs: dict[str, PodProc] = {}        # uid -> process record
         self.failed_at: dict[str, float] = {}      # uid -> last failed start (retry backoff)
         self.first_seen: dict[str, float] = {}     # uid -> when it was first wanted (start delay knob)
         self.dirty = threading.Event()
         self.stopping = threading.Event()
-        self.synced = {"pods": threading.Event(), "services": threading.Event()}
+        self.synced = {"pods": threading.Event(), "services": threading.Event(), "endpointslices": threading.Event()}
         self.api_relay: Relay | None = None
         self.kube_host, self.kube_port = "127.0.0.1", self.api_port
 
@@ -280,6 +295,9 @@ class PodRunner:
         if kind == "pods":
             lister = self.core.list_pod_for_all_namespaces
             kw = {"field_selector": f"spec.nodeName={self.node}"}
+        elif kind == "endpointslices":  # headless Services' records, as CoreDNS builds them
+            lister = self.client.DiscoveryV1Api(self.api).list_endpoint_slice_for_all_namespaces
+            kw = {}
         else:
             lister = self.core.list_service_for_all_namespaces
             kw = {}
@@ -289,7 +307,11 @@ class PodRunner:
                 with self.lock:
                     if kind == "pods":
                         self.pods = {p.metadata.uid: p for p in lst.items}
+                    elif kind == "endpointslices":
+                        self.slices = {(e.metadata.namespace, e.metadata.name): _slice_records(e) for e in lst.items}
                     else:
+                        self.headless = {(s.metadata.namespace, s.metadata.name) for s in lst.items
+                                         if s.spec.cluster_ip == "None"}
                         self.services = {(s.metadata.namespace, s.metadata.name): s.spec.cluster_ip
                                          for s in lst.items if s.spec.cluster_ip not in (None, "", "None")}
                 self.synced[kind].set()
@@ -307,8 +329,18 @@ class PodRunner:
                                 self.pods.pop(obj.metadata.uid, None)
                             else:
                                 self.pods[obj.metadata.uid] = obj
+                        elif kind == "endpointslices":
+                            k = (obj.metadata.namespace, obj.metadata.name)
+                            if typ == "DELETED":
+                                self.slices.pop(k, None)
+                            else:
+                                self.slices[k] = _slice_records(obj)
                         else:
                             k = (obj.metadata.namespace, obj.metadata.name)
+                            if typ != "DELETED" and obj.spec.cluster_ip == "None":
+                                self.headless.add(k)
+                            else:
+                                self.headless.discard(k)
                             if typ == "DELETED" or obj.spec.cluster_ip in (None, "", "None"):
                                 self.services.pop(k, None)
                             else:
@@ -476,6 +508,20 @@ class PodRunner:
             if ns == rec.namespace:
                 names.append(name)  # a bare name resolves in the pod's own namespace (search path)
             lines.append(f"{ip}\t{' '.join(names)}")
+        # Headless Services: the name resolves to each ready endpoint's pod IP (one line per
+        # address), and a StatefulSet pod's hostname to its own (pod.svc.ns.svc.cluster.local).
+        with self.lock:
+            headless, slices = set(self.headless), dict(self.slices)
+        for (ns, _slice), (name, records) in sorted(slices.items()):
+            if (ns, name) not in headless:
+                continue
+            names = [f"{name}.{ns}.svc.cluster.local", f"{name}.{ns}.svc", f"{name}.{ns}"]
+            if ns == rec.namespace:
+                names.append(name)
+            for ip, hostname in records:
+                lines.append(f"{ip}\t{' '.join(names)}")
+                if hostname:
+                    lines.append(f"{ip}\t{hostname}.{name}.{ns}.svc.cluster.local {hostname}.{name}.{ns}.svc")
         return "# written by tests/cluster/podrunner.py (stands in for cluster DNS)\n" + "\n".join(lines) + "\n"
 
     def _write_hosts(self, rec: PodProc, services: dict[tuple[str, str], str]) -> None:
@@ -691,7 +737,7 @@ class PodRunner:
         signal.signal(signal.SIGTERM, lambda *_: self.stopping.set())
         signal.signal(signal.SIGINT, lambda *_: self.stopping.set())
         self._setup_api_relay()
-        for kind in ("pods", "services"):
+        for kind in ("pods", "services", "endpointslices"):
             threading.Thread(target=self._watch_loop, args=(kind,), name=f"watch {kind}", daemon=True).start()
         for ev in self.synced.values():
             while not ev.wait(0.5):

@@ -5,6 +5,11 @@ Each backend is driven exactly as a user would: `velo gateway --listen <scheme>:
 table, both real processes.  The TLS variants trust only the test's own CA
 (`ca_file`) and reach the gateway by 127.0.0.1 while its certificate names only
 `gateway.velo.test` (`server_name`), so both settings are exercised.
+
+The port-forward case goes through the test cluster's real kube-apiserver: the gateway
+listens on `port-forward://127.0.0.1:P` on this machine, a pod on the kwok node has a kwok
+`PortForward` sending its pods/portforward traffic to P, and `velo up` (static provider)
+names that pod in `[tunnel.port-forward] pod`, with the cluster's kubeconfig.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import Procs, write_config
+from tests.helpers import KwokPod, Procs, write_config
 
 SERVER_NAME = "gateway.velo.test"
 
@@ -28,6 +33,7 @@ class BackendCase:
     scheme: str  # velo gateway --listen <scheme>://
     tls: bool = False
     plugin: str | None = None  # distribution that must be installed
+    cluster: bool = False  # reaches the gateway through the test cluster's apiserver (pods/portforward)
 
 
 CASES = [
@@ -36,6 +42,7 @@ CASES = [
     BackendCase("h2", "h2", "http"),
     BackendCase("h2-tls", "h2", "https", tls=True),
     BackendCase("tcp-plugin", "tcp", "tcp", plugin="velo-tcp"),
+    BackendCase("port-forward", "port-forward", "port-forward", cluster=True),
 ]
 
 
@@ -90,7 +97,8 @@ def test_ca(tmp_path_factory) -> TestCA:
     return make_ca(tmp_path_factory.mktemp("ca"))
 
 
-@pytest.fixture(params=CASES, ids=[case.id for case in CASES])
+@pytest.fixture(params=[pytest.param(case, id=case.id, marks=[pytest.mark.cluster] if case.cluster else [])
+                        for case in CASES])
 def backend(request) -> BackendCase:
     case: BackendCase = request.param
     if case.plugin:
@@ -109,6 +117,7 @@ class Mesh:
     case: BackendCase
     ca: TestCA
     tmp: Path
+    pod: KwokPod | None = None  # the port-forward case: the pod velo up names
     gateway: object = None
     up: object = None
     allow: tuple = ()
@@ -122,14 +131,20 @@ class Mesh:
         self.allow_reverse = allow_reverse or self.allow_reverse
         self.gateway = self.procs.gateway(*self.allow, port=port, scheme=self.case.scheme, extra=extra,
                                           allow_reverse=self.allow_reverse)
+        if self.pod is not None:
+            self.pod.forward_to(self.gateway.port)
         return self.gateway
 
     def write_config(self, remote=None, local=None, **kw) -> Path:
         settings = {"ca_file": str(self.ca.ca_file), "server_name": SERVER_NAME} if self.case.tls else {}
+        url = self.gateway.url
+        if self.pod is not None:  # no url: the table names the pod, and the cluster to find it in
+            url, settings = None, {"pod": self.pod.name, "namespace": self.pod.namespace,
+                                   "kubeconfig": str(self.pod.cluster.kubeconfig)}
         self.runs += 1
         folder = self.tmp / f"project-{self.runs}"
         folder.mkdir()
-        self.config = write_config(folder / "velocity.toml", gateway_url=self.gateway.url, remote=remote,
+        self.config = write_config(folder / "velocity.toml", gateway_url=url, remote=remote,
                                    local=local, backend=self.case.backend, settings=settings,
                                    free_ports=True, **kw)
         return self.config
@@ -140,5 +155,12 @@ class Mesh:
 
 
 @pytest.fixture
-def mesh(procs, backend, test_ca, tmp_path) -> Mesh:
-    return Mesh(procs, backend, test_ca, tmp_path)
+def mesh(request, procs, backend, test_ca, tmp_path):
+    pod = None
+    if backend.cluster:  # only this case starts the (session-wide) test cluster
+        pod = KwokPod(request.getfixturevalue("cluster"), request.getfixturevalue("namespace"))
+    try:
+        yield Mesh(procs, backend, test_ca, tmp_path, pod=pod)
+    finally:
+        if pod is not None:
+            pod.delete()

@@ -1,7 +1,8 @@
 """What every tunnel backend must do, end to end, with real `velo gateway` / `velo up` processes.
 
 Parametrized over every backend (tests/conformance/conftest.py: WebSocket and HTTP/2,
-each plain and over TLS, and the third-party plugin in plugins/velo-tcp).  The path
+each plain and over TLS, the third-party plugin in plugins/velo-tcp, and port-forward
+through the test cluster's kube-apiserver and kwok).  The path
 is always  test -> velo up's listener -> tunnel -> gateway -> target  (forward) or
 test -> gateway's reverse port -> tunnel -> velo up -> local candidate  (reverse).
 """

@@ -4,21 +4,33 @@ pods/portforward through its PortForward objects, which the pod runner registers
 No Ingress relay is involved here: the only way from the test process to the
 traffic-proxy is the apiserver's pods/portforward, and the in-cluster services are in
 the harness's network namespace, unreachable from the test process.
+
+The second half: ``[tunnel.port-forward] pod`` with the static provider (a gateway the
+user runs in a pod of their own), its configuration checks, and how a pod that is
+missing, not ready or forbidden shows, and is followed once it is fixed.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import psutil
 import pytest
+import yaml
+from kubernetes import client
 
-from tests.helpers import free_port, http_get, wait_for
+from tests.helpers import KwokPod, free_port, http_get, wait_for, write_config
+from velo.config import ConfigError, parse_config
+from velo.providers.kubernetes import rbac_role
 from tests.kube.ingress import request_via_service
 from tests.kube.shop import service
 from velo.providers.kubernetes import intercept as ix
 
-pytestmark = pytest.mark.cluster
+cluster_test = pytest.mark.cluster
 
 
 def _config(path, namespace: str, candidate_port: int, tunnel: str = ""):
@@ -75,6 +87,7 @@ def _ready(pod) -> bool:
     return pod.status.phase == "Running" and conditions.get("Ready") == "True" and not pod.metadata.deletion_timestamp
 
 
+@cluster_test
 def test_whole_session_over_port_forward_with_no_url(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="laptop via port-forward")
     config = _config(tmp_path / "p", namespace, laptop)
@@ -104,6 +117,7 @@ def test_whole_session_over_port_forward_with_no_url(cluster, namespace, shop, p
     assert process.num_threads() < 20
 
 
+@cluster_test
 def test_deleted_traffic_proxy_pod_is_followed_within_3s_of_ready(cluster, namespace, shop, procs, tmp_path):
     laptop = procs.server("http", text="laptop")
     config = _config(tmp_path / "p", namespace, laptop)
@@ -132,6 +146,7 @@ def test_deleted_traffic_proxy_pod_is_followed_within_3s_of_ready(cluster, names
     assert tunnel["state"] == "up" and new in tunnel["url"] and tunnel["reconnects"] >= 1, tunnel
 
 
+@cluster_test
 def test_unreachable_websocket_falls_back_to_port_forward_and_says_why(cluster, namespace, shop, procs,
                                                                        tmp_path):
     laptop = procs.server("http", text="laptop")
@@ -146,3 +161,210 @@ def test_unreachable_websocket_falls_back_to_port_forward_and_says_why(cluster, 
     assert f"ws://127.0.0.1:{closed}/velo" in tunnel["skipped"][0]["reason"], tunnel
     assert "skipped websocket: ws://127.0.0.1:" in up.proc.log()
     assert f"{namespace}/backend".encode() in http_get(up.port("backend"))
+
+
+# ---------------------------------------------------------------- [tunnel.port-forward] pod, any provider
+
+def _errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse_config(text, Path("velocity.toml"))
+    return info.value.messages
+
+
+STATIC = '[project]\nname = "pf"\n[tunnel]\ntoken = "t"\n[remote.services.web]\ntarget = "127.0.0.1:80"\n'
+
+
+def test_the_table_is_checked_at_its_keys():
+    assert _errors(STATIC + '[tunnel.port-forward]\npod = "Gateway_0"\nport = 0\nnamespce = "x"\n') == [
+        "velocity.toml: tunnel.port-forward.pod: expected a Kubernetes pod name (lowercase letters, digits "
+        "and '-', at most 253 characters), got \"Gateway_0\"",
+        "velocity.toml: tunnel.port-forward.port: expected an integer 1-65535, got 0",
+        'velocity.toml: tunnel.port-forward.namespce: unknown key; did you mean "namespace"?',
+    ]
+    # the static provider has nothing to discover: the table must name the pod
+    assert _errors(STATIC + '[tunnel.port-forward]\nnamespace = "shop"\n') == [
+        'velocity.toml: tunnel.prefer: "port-forward" names no pod; write [tunnel.port-forward] pod = "NAME" '
+        "(the pod whose gateway listens on port-forward://)",
+        "velocity.toml: tunnel.port-forward.namespace: only means something with pod (which pod to "
+        "port-forward to)",
+    ]
+    config = parse_config(STATIC + '[tunnel.port-forward]\npod = "gateway-0"\n', Path("velocity.toml"))
+    table = config.tunnel.table("port-forward")
+    assert (table.pod, table.namespace, table.port, table.kubeconfig, table.context) == (
+        "gateway-0", "", 7071, None, "")
+    assert table.gateway() == "pod gateway-0 port 7071"
+
+
+def test_the_kubernetes_provider_refuses_a_pod_of_the_users_choosing():
+    """It reaches its own traffic-proxy (by labels, with cluster.context); honouring a pod
+    there would send the session's token and routes to a gateway velo did not make."""
+    text = ('[project]\nname = "pf"\n[cluster]\nprovider = "kubernetes"\n'
+            '[tunnel.port-forward]\npod = "gateway-0"\ncontext = "other"\n')
+    why = ("the kubernetes provider reaches its own traffic-proxy pod (by its labels, with cluster.context); "
+           'this key is for a gateway you run in a pod yourself, with cluster.provider = "static"')
+    assert _errors(text) == [f"velocity.toml: tunnel.port-forward.pod: {why}",
+                             f"velocity.toml: tunnel.port-forward.context: {why}"]
+    # nothing written: the provider's default, unchanged
+    config = parse_config('[project]\nname = "pf"\n[cluster]\nprovider = "kubernetes"\n', Path("velocity.toml"))
+    assert config.tunnel.preference == ["port-forward"]
+    assert config.tunnel.table("port-forward").gateway() == ""
+
+
+def test_velo_config_check_says_so_and_exits_non_zero(tmp_path):
+    (tmp_path / "velocity.toml").write_text(STATIC + '[tunnel.port-forward]\npod = "gateway-0"\nport = 99999\n')
+    bad = subprocess.run([sys.executable, "-m", "velo", "config", "check"], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr
+    assert "tunnel.port-forward.port: expected an integer 1-65535, got 99999" in bad.stderr
+    (tmp_path / "velocity.toml").write_text(STATIC + '[tunnel.port-forward]\npod = "gateway-0"\n'
+                                                     'namespace = "shop"\n')
+    good = subprocess.run([sys.executable, "-m", "velo", "config", "check"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert good.returncode == 0, good.stderr
+    assert "tunnel port-forward pod shop/gateway-0 port 7071" in good.stdout
+
+
+def _static_up(procs, tmp_path, pod: str, http: int, kubeconfig, namespace: str | None = None):
+    """`velo up` with the static provider and ``[tunnel.port-forward] pod``, not waiting for the tunnel."""
+    settings = {"pod": pod, "kubeconfig": str(kubeconfig)}
+    if namespace:
+        settings["namespace"] = namespace
+    folder = tmp_path / f"project-{len(procs.all)}"
+    folder.mkdir()
+    config = write_config(folder / "velocity.toml", gateway_url=None, remote={"web": f"127.0.0.1:{http}"},
+                          backend="port-forward", settings=settings, free_ports=True)
+    return procs.up(config, wait_up=False)
+
+
+def _failing(up, text: str, timeout: float = 30) -> dict:
+    """The tunnel is not up, status says ``text``, and the reconnect loop keeps trying."""
+    status = wait_for(lambda: (s := up.status()) and text in s["tunnel"]["last_error"] and s, timeout,
+                      f"{text!r} in status; velo up log:\n{up.proc.log()[-2000:]}")
+    assert status["tunnel"]["state"] in ("connecting", "reconnecting", "unauthorized"), status["tunnel"]
+    tried = status["tunnel"]["attempts"]
+    wait_for(lambda: up.status()["tunnel"]["attempts"] >= tried + 2, 30, "more attempts")
+    return status
+
+
+@cluster_test
+def test_a_named_pod_is_waited_for_then_followed_when_recreated(cluster, namespace, procs, tmp_path):
+    http = procs.server("http", text="via a pod of my own")
+    gateway = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
+    pod = KwokPod(cluster, namespace)
+    up = _static_up(procs, tmp_path, pod.name, http, cluster.kubeconfig, namespace=namespace)
+    _failing(up, f"pod {namespace}/{pod.name} not found")
+    lines = [line for line in up.proc.log().splitlines() if "tunnel not up" in line]
+    assert lines == [f"velo: tunnel not up: port-forward: pod {namespace}/{pod.name} not found (context "
+                     f"{_context(cluster)}) (retrying until it is)"], lines
+
+    pod.forward_to(gateway.port)  # the pod appears: the next attempt finds it, velo up was not restarted
+    tunnel = up.wait_state("up", timeout=30)["tunnel"]
+    assert tunnel["backend"] == "port-forward" and tunnel["url"] == f"pod {namespace}/{pod.name} port 7071"
+    assert http_get(up.port("web")).endswith(b"via a pod of my own")
+
+    # The pod goes, and comes back under the same name with its gateway on another port.
+    pod.delete()
+    gateway.proc.signal(9)
+    _failing(up, f"pod {namespace}/{pod.name} not found")
+    again = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
+    pod.target = None
+    pod.forward_to(again.port)
+    up.wait_state("up", timeout=30)
+    assert http_get(up.port("web")).endswith(b"via a pod of my own")
+
+
+def _context(cluster) -> str:
+    return yaml.safe_load(Path(cluster.kubeconfig).read_text())["current-context"]
+
+
+@cluster_test
+def test_a_pod_that_is_not_ready_is_that_backend_failing(cluster, namespace, procs, tmp_path):
+    http = procs.server("http", text="x")
+    gateway = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
+    pending = KwokPod(cluster, namespace, node="velo-no-such-node")  # no kubelet: Pending for ever
+    pending.forward_to(gateway.port)
+    up = _static_up(procs, tmp_path, pending.name, http, cluster.kubeconfig, namespace=namespace)
+    _failing(up, f"port-forward: pod {namespace}/{pending.name} is not running (phase Pending)")
+
+
+@cluster_test
+def test_forbidden_shows_which_permission_and_granting_it_is_picked_up(cluster, namespace, procs, tmp_path):
+    """A user who may not read the pod, then may read it but not port-forward, then may."""
+    http = procs.server("http", text="allowed now")
+    gateway = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
+    pod = KwokPod(cluster, namespace)
+    pod.forward_to(gateway.port)
+    cluster.core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
+        metadata=client.V1ObjectMeta(name="pf-user")))
+    token = cluster.core.create_namespaced_service_account_token("pf-user", namespace, client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))).status.token
+    base = cluster.api_client.configuration
+    kubeconfig = tmp_path / "pf-user.kubeconfig"
+    kubeconfig.write_text(json.dumps({  # the context's namespace is the table's default namespace
+        "apiVersion": "v1", "kind": "Config", "current-context": "pf-user",
+        "clusters": [{"name": "c", "cluster": {"server": base.host, "certificate-authority": base.ssl_ca_cert}}],
+        "users": [{"name": "pf-user", "user": {"token": token}}],
+        "contexts": [{"name": "pf-user", "context": {"cluster": "c", "user": "pf-user", "namespace": namespace}}]}))
+    up = _static_up(procs, tmp_path, pod.name, http, kubeconfig)
+    status = _failing(up, f"permission denied while reading pod {namespace}/{pod.name}")
+    assert "cannot get resource \"pods\"" in status["tunnel"]["last_error"]
+
+    def grant(name: str, rules: list) -> None:
+        cluster.rbac.create_namespaced_role(namespace, client.V1Role(metadata=client.V1ObjectMeta(name=name),
+                                                                     rules=rules))
+        cluster.rbac.create_namespaced_role_binding(namespace, client.V1RoleBinding(
+            metadata=client.V1ObjectMeta(name=name),
+            role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=name),
+            subjects=[client.RbacV1Subject(kind="ServiceAccount", name="pf-user", namespace=namespace)]))
+
+    grant("pf-read", [client.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get"])])
+    _failing(up, "permission denied by the apiserver (HTTP 403); port-forward needs the get and create verbs "
+                 "on pods/portforward")
+    # exactly what `velo rbac` grants for it (a WebSocket upgrade is authorized as get, and,
+    # since Kubernetes 1.35, as create too: AuthorizePodWebsocketUpgradeCreatePermission)
+    rules = [rule for rule in yaml.safe_load(rbac_role(namespace))["rules"] if "pods/portforward" in rule["resources"]]
+    assert rules == [{"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]}]
+    grant("pf-forward", [client.V1PolicyRule(api_groups=r["apiGroups"], resources=r["resources"], verbs=r["verbs"])
+                         for r in rules])
+    tunnel = up.wait_state("up", timeout=30)["tunnel"]
+    assert tunnel["url"] == f"pod {pod.name} port 7071"  # as written: the namespace came from the context
+    assert http_get(up.port("web")).endswith(b"allowed now")
+
+
+def test_a_missing_kubeconfig_is_that_backend_failing_not_velo_up(procs, tmp_path):
+    missing = tmp_path / "no-such-kubeconfig"
+    up = _static_up(procs, tmp_path, "gateway-0", 9, missing)
+    _failing(up, f"[tunnel.port-forward] kubeconfig {missing}: no such file")
+    assert up.proc.running() and "Traceback" not in up.proc.log()
+
+
+@cluster_test
+def test_context_picks_the_kubeconfig_context_and_a_wrong_one_is_named(cluster, namespace, procs, tmp_path):
+    http = procs.server("http", text="by context")
+    gateway = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
+    pod = KwokPod(cluster, namespace)
+    pod.forward_to(gateway.port)
+    kubeconfig = yaml.safe_load(Path(cluster.kubeconfig).read_text())
+    real = kubeconfig["current-context"]
+    # the current context is a dead cluster; only `context` leads to the test cluster
+    kubeconfig["clusters"].append({"name": "dead", "cluster": {"server": f"https://127.0.0.1:{free_port()}"}})
+    kubeconfig["contexts"].append({"name": "dead", "context": {"cluster": "dead", "user": kubeconfig["users"][0]["name"],
+                                                               "namespace": namespace}})
+    kubeconfig["current-context"] = "dead"
+    path = tmp_path / "two-contexts.kubeconfig"
+    path.write_text(yaml.safe_dump(kubeconfig))
+
+    def up_with(context: str):
+        folder = tmp_path / f"ctx-{context}"
+        folder.mkdir()
+        config = write_config(folder / "velocity.toml", gateway_url=None, remote={"web": f"127.0.0.1:{http}"},
+                              backend="port-forward", free_ports=True,
+                              settings={"pod": pod.name, "namespace": namespace, "kubeconfig": str(path),
+                                        "context": context})
+        return procs.up(config, wait_up=False)
+
+    _failing(up_with("nope"), f'[tunnel.port-forward] context: no context "nope" in the kubeconfig; '
+                              f"available: {real}, dead")
+    up = up_with(real)
+    up.wait_state("up", timeout=30)
+    assert http_get(up.port("web")).endswith(b"by context")

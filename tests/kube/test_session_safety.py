@@ -15,7 +15,7 @@ import time
 import pytest
 
 from tests.cluster import podrunner
-from tests.helpers import free_port, wait_for
+from tests.helpers import free_port, status_cli, wait_for
 from tests.kube.ingress import request_in_cluster, request_via_service
 from tests.kube.relay import CuttableRelay
 from tests.kube.shop import coordination, kube_config, kube_up, kubeconfig_variant, service, velo, velo_objects
@@ -115,6 +115,16 @@ def skewed(offset: str) -> dict[str, str]:
             "FAKETIME_NO_CACHE": "1"}
 
 
+def own_config(path, namespace: str, url: str, **kwargs):
+    """``kube_config`` under a project name of its own: the derived local ports depend on it,
+    so this test's `velo up` never collides with another run's on the same machine."""
+    import secrets
+
+    config = kube_config(path, namespace, url, **kwargs)
+    config.write_text(config.read_text().replace('name = "shop"', f'name = "shop-{secrets.token_hex(3)}"', 1))
+    return config
+
+
 def renewals(cluster, namespace: str, count: int, timeout: float) -> None:
     """Wait until the session's Lease was written ``count`` more times (time passing, measured
     by the laptop's own renewals)."""
@@ -179,12 +189,12 @@ def test_a_live_tunnel_keeps_the_session_while_the_laptop_cannot_reach_the_apise
         kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig",
                                         server=f"https://127.0.0.1:{relay.port}")
         laptop = procs.server("http", text="laptop still here")
-        config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+        config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
         up = kube_up(procs, config, env={"KUBECONFIG": str(kubeconfig)})
         assert intercepted(cluster, namespace)
         before = session_lease(cluster, namespace).metadata.resource_version
         relay.cut()
-        up.proc.wait_log("renewing the lease failed", timeout=6 * lease_seconds)
+        up.proc.wait_log("the cluster API is failing", timeout=6 * lease_seconds)
         outage = time.monotonic()
         # Several leases without a renewal; the tunnel stays up and keeps carrying requests.
         while time.monotonic() - outage < 3 * lease_seconds:
@@ -354,6 +364,8 @@ def test_drift_is_noticed_from_the_watch(cluster, namespace, shop, procs, tmp_pa
                          cluster_extra=f'on_drift = "{on_drift}"\n')
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
+    assert status_cli(config)["cluster"]["drift"] == []
+    changed = time.time()
     put_back(cluster, namespace)
     up.proc.wait_log("Service website was changed back by someone else", timeout=20)
     if on_drift == "reapply":
@@ -364,6 +376,26 @@ def test_drift_is_noticed_from_the_watch(cluster, namespace, shop, procs, tmp_pa
     else:
         assert 'cluster.on_drift = "warn"' in up.proc.log() and not intercepted(cluster, namespace)
     assert up.proc.log().count("changed back by someone else") == 1, "one line per event"
+    # ... and `velo status` says which Service, when, and what became of it
+    status = wait_for(lambda: (s := status_cli(config)) and s["cluster"]["drift"]
+                      and s["cluster"]["drift"][0]["state"] in ("reapplied", "no route") and s,
+                      20, "the drift in velo status")
+    (event,) = status["cluster"]["drift"]
+    assert event["service"] == "website" and event["on_drift"] == on_drift
+    assert changed - 1 <= event["at"] <= time.time(), event
+    (reverse,) = status["reverses"]
+    table = " ".join(velo("status", cwd=config.parent, kubeconfig=cluster.kubeconfig).stdout.split())  # unwrapped
+    assert "Service website was changed back by someone else at " in table, table
+    if on_drift == "reapply":
+        assert event["state"] == "reapplied" and event["at"] <= event["reapplied_at"] <= time.time(), event
+        assert reverse["state"] == "listening" and status["cluster"]["no_route"] == {}
+        assert "velo re-applied its swap at" in table, table
+    else:
+        assert event["state"] == "no route" and event["reapplied_at"] is None, event
+        assert reverse["state"].startswith("no route: changed back by someone else"), reverse
+        assert "website" in status["cluster"]["no_route"]
+        assert "its traffic goes to its own pods, not this laptop" in table, table
+    assert up.proc.log().count("changed back by someone else") == 1, "status asks add no log lines"
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
     svc = service(cluster, namespace)
@@ -400,7 +432,7 @@ def test_the_apiserver_stopped_for_30s_ends_nothing(cluster, namespace, shop, pr
 
     lease_seconds = 15
     laptop = procs.server("http", text="laptop through the outage")
-    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
     backend, cache = up.port("backend"), up.port("cache")
@@ -418,6 +450,8 @@ def test_the_apiserver_stopped_for_30s_ends_nothing(cluster, namespace, shop, pr
                 sock.sendall(REQUEST)
                 assert b"laptop through the outage" in b"".join(iter(lambda: sock.recv(65536), b""))
             time.sleep(1)
+        # a hung apiserver is a degraded state too: calls time out instead of being refused
+        assert up.status()["cluster"]["api"]["state"] == "failing", up.proc.log()[-2000:]
     finally:
         os.kill(apiserver, signal.SIGCONT)
     back = time.monotonic()
@@ -430,7 +464,185 @@ def test_the_apiserver_stopped_for_30s_ends_nothing(cluster, namespace, shop, pr
     finally:
         cluster.stop_in_cluster_service("after", namespace)
     assert intercepted(cluster, namespace) and up.status()["tunnel"]["state"] == "up"
+    wait_for(lambda: up.status()["cluster"]["api"]["state"] == "ok", 10, "the cluster API state to be ok again")
+    assert up.proc.log().count("the cluster API is failing") == 1, up.proc.log()[-3000:]
     held.close()
     up.proc.signal(signal.SIGTERM)
     assert up.proc.wait(60) == 0
     assert not intercepted(cluster, namespace)
+
+
+def wait_until(deadline: float, predicate, what: str, interval: float = 0.2):
+    """``wait_for`` against a monotonic deadline shared by several checks."""
+    return wait_for(predicate, max(0.1, deadline - time.monotonic()), what, interval=interval)
+
+
+@pytest.mark.slow
+def test_the_apiserver_terminated_for_30s_and_started_again_ends_nothing(cluster, namespace, shop, procs, tmp_path):
+    """The kube-apiserver process terminated (SIGTERM: gone, connections refused) for 30 s,
+    the default lease, then started again with the same command line, ports and certificates
+    (an apiserver restart, a control-plane upgrade).  Meanwhile the open forward connection
+    carries bytes both ways, new forward connections and reverse requests work, and
+    `velo status` says the cluster API is failing (one log line); within 10 s of the
+    apiserver being ready again the Service watch, the Lease renewal and drift detection
+    work, and the intercepted Service still points at the traffic-proxy."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.helpers import http_get, status_cli
+    from tests.kube.ingress import service_backend
+
+    harness = cluster.cluster
+    # The websocket backend through the Ingress (shop.url), on purpose: the port-forward
+    # backend's tunnel rides the apiserver (pods/portforward), so it cannot outlive an
+    # apiserver that is gone. What this test proves is that nothing *else* in the session
+    # needs the apiserver while the tunnel has its own path.
+    laptop = procs.server("http", text="laptop through the restart")
+    config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=30)
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    assert intercepted(cluster, namespace)
+    backend, cache = up.port("backend"), up.port("cache")
+    proxy_port = wait_for(lambda: service_backend(cluster, namespace, "website", 80), 20, "the traffic-proxy's port")
+    proxy_pods = {p.metadata.name for p in cluster.core.list_namespaced_pod(
+        namespace, label_selector=f"{ix.LABEL_COMPONENT}={ix.COMPONENT}").items}
+    held = socket.create_connection(("127.0.0.1", cache), timeout=10)
+    held.sendall(b"before")
+    assert held.recv(100) == b"before"
+    api_port = harness.info["ports"]["apiserver"]
+
+    started, outage_ok = time.monotonic(), False
+    harness.stop_component("kube-apiserver")
+    try:
+        gone, gone_wall = time.monotonic(), time.time()
+        print(f"apiserver terminated in {gone - started:.1f}s")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", api_port), timeout=5)
+        degraded = None
+        while time.monotonic() - gone < 30:  # the outage lasts 30 s; every path is checked meanwhile
+            held.sendall(b"still open")
+            assert held.recv(100) == b"still open"
+            assert f"{namespace}/backend".encode() in http_get(backend, timeout=10)
+            with socket.create_connection(("127.0.0.1", cache), timeout=10) as fresh:
+                fresh.sendall(b"new connection")
+                assert fresh.recv(100) == b"new connection"
+            with socket.create_connection(("127.0.0.1", proxy_port), timeout=10) as sock:
+                sock.sendall(REQUEST)
+                assert b"laptop through the restart" in b"".join(iter(lambda: sock.recv(65536), b""))
+            if degraded is None and (api := status_cli(config).get("cluster", {}).get("api", {})).get("state") == "failing":
+                degraded = time.monotonic() - gone
+                shown = subprocess.run([sys.executable, "-m", "velo", "status", "-c", str(config)],
+                                       capture_output=True, text=True, timeout=30).stdout
+                assert "cluster API failing" in shown, shown
+                assert api["error"], api
+            time.sleep(0.5)
+        assert degraded is not None, f"`velo status` never showed the cluster API failing; log:\n{up.proc.log()[-2000:]}"
+        print(f"`velo status` showed the cluster API failing {degraded:.1f}s into the outage")
+        assert up.proc.running() and up.status()["tunnel"]["state"] == "up"
+        outage_ok = True
+    finally:
+        harness.start_component("kube-apiserver")
+        if not outage_ok:  # the tests that come next share this cluster
+            harness.wait_clients_reconnected()
+    ready = time.monotonic()
+    print(f"apiserver down {ready - gone:.1f}s, ready again")
+    deadline = ready + 10
+    try:
+        # Drift, put back by hand the moment the apiserver answers, and a new Service.
+        put_back(cluster, namespace)
+        cluster.start_in_cluster_service("after", namespace, kind="http", port=80)
+        created = time.monotonic()
+        wait_until(deadline, lambda: up.port("after"), "the watch to see a Service created after the restart")
+        seen = time.monotonic()
+        # stamped after the apiserver was gone, so written to the one started again
+        wait_until(deadline, lambda: session_lease(cluster, namespace).spec.renew_time.timestamp() > gone_wall,
+                   "the Lease to be renewed after the restart (its renewTime advances)")
+        renewed = time.monotonic()
+        wait_until(deadline, lambda: "Service website was changed back by someone else" in up.proc.log(),
+                   "velo to notice the drift")
+        wait_until(deadline, lambda: intercepted(cluster, namespace), "velo to intercept the Service again")
+        wait_until(deadline, lambda: status_cli(config)["cluster"]["api"]["state"] == "ok",
+                   "`velo status` to show the cluster API working again")
+        done = time.monotonic()
+        print(f"after the apiserver was ready: new Service forwarded {seen - created:.1f}s after its creation, "
+              f"lease renewed by {renewed - ready:.1f}s, drift reapplied and status ok "
+              f"by {done - ready:.1f}s")
+        assert f"{namespace}/after".encode() in http_get(up.port("after"), timeout=10)
+    finally:
+        cluster.stop_in_cluster_service("after", namespace)
+        harness.wait_clients_reconnected()
+    # Consistent: the same traffic-proxy (it did not restore the Services and leave), still routing.
+    assert {p.metadata.name for p in cluster.core.list_namespaced_pod(
+        namespace, label_selector=f"{ix.LABEL_COMPONENT}={ix.COMPONENT}").items} == proxy_pods
+    assert intercepted(cluster, namespace) and service(cluster, namespace).spec.ports[0].target_port != "http"
+    answer = wait_for(lambda: request_via_service(cluster, namespace, "website", 80, REQUEST), 20,
+                      "a request to the Service website:80")
+    assert answer.endswith(b"laptop through the restart")
+    held.sendall(b"after")
+    assert held.recv(100) == b"after"
+    held.close()
+    log_text = up.proc.log()
+    assert log_text.count("cluster API is failing") == 1, f"one line for the outage:\n{log_text[-3000:]}"
+    assert log_text.count("cluster API works again") == 1, log_text[-3000:]
+    up.proc.signal(signal.SIGTERM)
+    assert up.proc.wait(60) == 0
+    assert service(cluster, namespace).spec.selector == {"app": "website"}
+
+
+def test_the_sessions_lease_deleted_by_hand_stops_the_session_with_one_line(cluster, namespace, shop, procs,
+                                                                              tmp_path):
+    """The Lease renewal is a background task of the session; its Lease deleted by hand (`kubectl
+    delete lease`, a teammate's cleanup script) is not a blip to ride out: the renewal fails
+    for real, and velo stops loudly, with one line, within a renewal interval, restoring what
+    it changed; it never keeps running without a Lease."""
+    lease_seconds = 6
+    laptop = procs.server("http", text="laptop")
+    config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
+    assert intercepted(cluster, namespace)
+    lease = session_lease(cluster, namespace).metadata.name
+    coordination(cluster).delete_namespaced_lease(lease, namespace)
+    deleted = time.monotonic()
+    code = up.proc.wait(lease_seconds + 60)
+    print(f"velo up stopped {time.monotonic() - deleted:.1f}s after its Lease was deleted (lease {lease_seconds}s)")
+    log_text = up.proc.log()
+    assert code == 1, log_text
+    line = f"velo: this session's Lease {lease} is gone (it lapsed while this laptop was away, or someone deleted it)"
+    assert log_text.count(line) == 1 and "Traceback" not in log_text, log_text
+    said = next(entry for entry in log_text.splitlines() if entry.startswith(line))
+    assert said.endswith("run `velo up` again; stopping"), said
+    svc = service(cluster, namespace)
+    assert svc.spec.selector == {"app": "website"} and svc.spec.ports[0].target_port == "http"
+    wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")
+
+
+def test_a_dropped_api_connection_is_resumed_at_once_and_quietly(cluster, namespace, shop, procs, tmp_path):
+    """Something between the laptop and the apiserver resets every connection once (a proxy's
+    idle timeout, a VPN that reconnects): the Service watch lists again at once and sees what
+    changes next, without a word, because one reset is not an outage."""
+    from urllib.parse import urlsplit
+
+    api = urlsplit(cluster.server)
+    relay = CuttableRelay(api.hostname, api.port)
+    try:
+        kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig",
+                                        server=f"https://127.0.0.1:{relay.port}")
+        config = own_config(tmp_path / "p", namespace, shop.url)
+        up = kube_up(procs, config, env={"KUBECONFIG": str(kubeconfig)})
+        time.sleep(6)  # a watch that has worked for a while (not one that fails at once)
+        relay.cut()
+        relay.mend()
+        cut = time.monotonic()
+        cluster.start_in_cluster_service("late", namespace, kind="http", port=80)
+        try:
+            wait_for(lambda: up.port("late"), 20, f"the watch to see a Service created after the reset; log:\n"
+                                                  f"{up.proc.log()[-2000:]}", interval=0.2)
+            print(f"a Service created after the reset was forwarded {time.monotonic() - cut:.1f}s after it")
+        finally:
+            cluster.stop_in_cluster_service("late", namespace)
+        assert "cluster API is failing" not in up.proc.log(), up.proc.log()[-2000:]
+        assert up.status()["cluster"]["api"]["state"] == "ok"
+        up.proc.signal(signal.SIGTERM)
+        assert up.proc.wait(60) == 0
+    finally:
+        relay.close()

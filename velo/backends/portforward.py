@@ -3,9 +3,12 @@
 No Ingress, no LoadBalancer, no ``kubectl`` subprocess: one WebSocket to the apiserver
 (subprotocol ``v4.channel.k8s.io``) reaches one port of the traffic-proxy pod, and velo's
 multiplexer rides inside that single connection, so every proxied connection shares it.
-The provider (``velo.providers.kubernetes``) says which pod, and hands over the URL of its
-``portforward`` subresource with the kubeconfig's credentials (``Endpoint.ssl_context``,
-``Endpoint.headers``); this module only speaks the protocol.
+Which pod: the kubernetes provider finds its traffic-proxy by labels and hands over the URL
+of its ``portforward`` subresource with the kubeconfig's credentials (``Endpoint.ssl_context``,
+``Endpoint.headers``). With any other provider (static: a gateway the user runs in a pod of
+their own), ``[tunnel.port-forward] pod = "NAME"`` names the pod and this backend finds it
+itself, again on every (re)connect, through the same code
+(``velo.providers.kubernetes.portforward``; the kubernetes client is imported only then).
 
 Wire format of ``v4.channel.k8s.io`` for one port: every WebSocket message starts with a
 channel byte, 0 for data and 1 for errors; the server's first message on each channel is
@@ -21,11 +24,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import re
+from typing import Annotated, ClassVar
 
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
+from pydantic import BeforeValidator
 
 from velo.backends.wsdial import dial
-from velo.config.tables import BackendTable
+from velo.config.errors import show_value
+from velo.config.tables import BackendTable, NonEmpty, Port, Text, problem
 from velo.hookspecs import hookimpl
 from velo.transport import (
     Authenticator,
@@ -55,9 +63,62 @@ always refused through the apiserver: the stream can just stay silent, and waiti
 whole connect timeout for it would delay following a new pod by that much."""
 
 
+DEFAULT_PORT = 7071
+"""The pod port ``port`` defaults to: where the traffic-proxy's gateway listens
+(``--listen port-forward://127.0.0.1:7071``), so a gateway run the same way needs no ``port``."""
+LOCATING_KEYS = ("pod", "namespace", "port", "kubeconfig", "context")
+_DNS_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def _object_name(pattern: re.Pattern, limit: int, what: str):
+    def check(value: object) -> object:
+        if isinstance(value, str) and (len(value) > limit or not pattern.match(value)):
+            raise problem(f"expected a Kubernetes {what} (lowercase letters, digits and '-', at most {limit} "
+                          f"characters), got {show_value(value)}")
+        return value
+    return BeforeValidator(check)
+
+
+PodName = Annotated[NonEmpty, _object_name(_DNS_SUBDOMAIN, 253, "pod name")]
+NamespaceName = Annotated[Text, _object_name(_DNS_LABEL, 63, "namespace name")]
+
+
 class PortForwardTable(BackendTable):
-    """``[tunnel.port-forward]``: nothing to set; the provider finds the pod and the
-    credentials come from the kubeconfig."""
+    """``[tunnel.port-forward]``. With the kubernetes provider: nothing to set (it finds its
+    traffic-proxy pod; credentials come from the kubeconfig of ``cluster.context``). With any
+    other provider: ``pod`` names the pod whose gateway listens on ``port-forward://``."""
+
+    no_gateway: ClassVar[str] = ('names no pod; write [tunnel.port-forward] pod = "NAME" (the pod whose '
+                                 "gateway listens on port-forward://)")
+
+    pod: PodName | None = None
+    """The pod to port-forward to (re-read on every reconnect: a pod recreated under this name is followed)."""
+    namespace: NamespaceName = ""
+    """The pod's namespace; default: the kubeconfig context's (else "default")."""
+    port: Port = DEFAULT_PORT
+    """The pod port the gateway listens on (``velo gateway --listen port-forward://127.0.0.1:PORT``)."""
+    kubeconfig: NonEmpty | None = None
+    """The kubeconfig file; default: $KUBECONFIG, else ~/.kube/config."""
+    context: Text = ""
+    """The kubeconfig context; default: its current context."""
+
+    def gateway(self) -> str:
+        if self.pod is None:
+            return ""
+        return f"pod {self.namespace + '/' if self.namespace else ''}{self.pod} port {self.port}"
+
+    def check(self, config) -> list:
+        here = ("tunnel", NAME)
+        written = [key for key in LOCATING_KEYS if key in self.model_fields_set]
+        if config.cluster.provider == "kubernetes":
+            return [((*here, key), "the kubernetes provider reaches its own traffic-proxy pod (by its labels, "
+                                   "with cluster.context); this key is for a gateway you run in a pod yourself, "
+                                   'with cluster.provider = "static"') for key in written]
+        if self.pod is None:
+            return [((*here, key), "only means something with pod (which pod to port-forward to)")
+                    for key in written]
+        return []
 
 
 class _PortForwardPipe(WSListener):
@@ -271,11 +332,21 @@ class PortForwardBackend(TunnelBackend):
     schemes = ("port-forward",)
     description = "Kubernetes pods/portforward through the apiserver (kubeconfig credentials, no Ingress)"
 
+    def __init__(self) -> None:
+        self._connections: dict[tuple, object] = {}
+
     async def connect(self, endpoint: Endpoint, sink_factory: SinkFactory, *, timeout: float):
-        label = endpoint.shown
         if not endpoint.url:
-            raise TunnelError(f"{label}: the provider gave no pods/portforward URL (port-forward needs the "
-                              "kubernetes provider)")
+            pod = getattr(endpoint.settings, "pod", None)
+            if pod is None:
+                raise TunnelError(f"{endpoint.shown or NAME}: no pod to port-forward to (the provider found none "
+                                  "and [tunnel.port-forward] names no pod)")
+            try:
+                async with asyncio.timeout(timeout):
+                    endpoint = await self._named_pod(endpoint)
+            except TimeoutError:
+                raise TunnelError(f"{endpoint.shown}: no answer from the apiserver within {timeout:g}s") from None
+        label = endpoint.shown
         done = asyncio.get_running_loop().create_future()
         pipe_holder: list[_PortForwardPipe] = []
 
@@ -306,10 +377,49 @@ class PortForwardBackend(TunnelBackend):
                 raise TunnelError(f"{label}: no answer through the apiserver within {timeout:g}s") from None
             if isinstance(exc, TunnelError) and "(HTTP 403)" in exc.reason:
                 raise TunnelError(f"{label}: permission denied by the apiserver (HTTP 403); port-forward needs "
-                                  "the create verb on pods/portforward (`velo rbac` prints the Role)",
+                                  "the get and create verbs on pods/portforward (`velo rbac` prints the Role)",
                                   auth=True) from None
             raise
         return pipe_holder[0]
+
+    async def _named_pod(self, endpoint: Endpoint) -> Endpoint:
+        """``[tunnel.port-forward] pod``: read the pod now (it may have been recreated, or
+        gone) and return the Endpoint to dial; TunnelError with one line when there is none."""
+        from velo.provider import ProviderError
+        from velo.providers.kubernetes import portforward
+
+        table = endpoint.settings
+        try:
+            conn = await asyncio.to_thread(self._connection, table.kubeconfig, table.context)
+        except ProviderError as exc:
+            raise TunnelError(f"[tunnel.{NAME}] {str(exc).replace('cluster.context: ', 'context: ')}") from None
+        found = await portforward.named_pod_endpoint(
+            conn, table.namespace or conn.namespace, table.pod, table.port, backend=endpoint.backend,
+            token=endpoint.token, settings=table)
+        if found.problem:
+            raise TunnelError(found.problem)
+        return found
+
+    def _connection(self, kubeconfig: str | None, context: str):
+        """One API client per kubeconfig and context, made again when a kubeconfig file
+        changed (a new login) so its credentials are the current ones. Blocking."""
+        from velo.providers.kubernetes.api import connect
+
+        files = [kubeconfig] if kubeconfig else (os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep)
+        stamps = []
+        for name in files:
+            try:
+                stamps.append(os.stat(os.path.expanduser(name)).st_mtime_ns)
+            except OSError:
+                stamps.append(None)
+        key = (kubeconfig, tuple(files), context, tuple(stamps))
+        conn = self._connections.get(key)
+        if conn is None:
+            conn = connect(context, "", config_file=kubeconfig)
+            old, self._connections = self._connections, {key: conn}
+            for stale in old.values():  # its pooled connections to the apiserver are not used again
+                stale.api.rest_client.pool_manager.clear()
+        return conn
 
     async def serve(self, listen: GatewayListen, authenticate: Authenticator, sink_factory: SinkFactory):
         return await asyncio.get_running_loop().create_server(

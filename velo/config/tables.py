@@ -76,6 +76,15 @@ class PluginTable(BaseModel):
 class BackendTable(PluginTable):
     """``[tunnel.<backend>]``. A ``url`` field, when the backend has one, is where it dials."""
 
+    no_gateway: ClassVar[str] = "has no url; the static provider reaches a gateway only by URL"
+    """What a provider with nothing to discover says when this table names no gateway."""
+
+    def gateway(self) -> str:
+        """Where this table alone says the gateway is, as status shows it (a URL, a pod...),
+        or "" when it names no place and the provider must find one (a provider with
+        nothing to discover, such as static, needs it non-empty)."""
+        return getattr(self, "url", None) or ""
+
 
 class TLSBackendTable(BackendTable):
     """A backend table whose URL may use TLS: the two client-side TLS settings

@@ -10,7 +10,10 @@ tunnel is down wait (up to ``wait_for_tunnel``) instead of being refused.
 
 Anything a backend or provider raises is that attempt failing, never the loop
 ending; only a cancellation (`velo up` stopping) ends it, and no await in the
-loop turns a cancellation into a failure.
+loop turns a cancellation into a failure.  The one exception is a gateway of
+another wire protocol (``protocol.PROTOCOL``): retrying cannot fix it, so the
+loop ends with ``IncompatiblePeer``, whose one line names both releases and what
+to do, and `velo up` stops with it.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import socket
 import time
 from typing import Awaitable, Callable
 
-from velo import protocol
+from velo import __version__, protocol
 from velo.channel import MessageChannel
 from velo.mux import SessionClosedError
 from velo.plugins import get_backend
@@ -37,6 +40,49 @@ INITIAL_DELAY = 0.05
 AUTH_RETRY_DELAY = 5.0
 STOP_TIMEOUT = 3.0
 _MAX_DOUBLINGS = 32  # 0.05 s * 2**32 is far above any cap; more would only overflow
+
+
+class IncompatiblePeer(TunnelError):
+    """The gateway speaks another wire protocol: the session cannot work with it."""
+
+
+class ControlStream:
+    """The client's end of one tunnel's control stream.
+
+    The gateway's first message is its hello (release, protocol); a gateway from before
+    the version exchange answers the session's first message with reverse-status
+    instead, which is how it is recognised.  Later messages wait until the client
+    ``adopt``s the tunnel (the handshake is over), then go to ``on_message``.
+    """
+
+    def __init__(self, on_message) -> None:
+        self.channel = MessageChannel(self._received, on_close=self._closed)
+        self.bridge = Bridge(StreamStats())
+        self.hello: asyncio.Future[dict] = asyncio.get_running_loop().create_future()
+        self.sent_reverse: list[dict] | None = None
+        self._on_message = on_message
+        self._early: list[dict] | None = []  # None once adopted
+
+    def _received(self, message: dict) -> None:
+        if not self.hello.done():
+            self.hello.set_result(message if message.get("op") == protocol.OP_HELLO else {})
+            if message.get("op") == protocol.OP_HELLO:
+                return
+        if self._early is not None:
+            self._early.append(message)
+        else:
+            self._on_message(self, message)
+
+    def adopt(self) -> None:
+        early, self._early = self._early or [], None
+        for message in early:
+            self._on_message(self, message)
+
+    def _closed(self) -> None:
+        if not self.hello.done():
+            why = self.bridge.stats.last_error or "it closed the control stream"
+            self.hello.set_exception(TunnelError(f"the gateway did not say hello: {why}"))
+            self.hello.exception()  # retrieved here: the dial may already have given up on it
 
 
 def backoff_delay(attempt: int, cap: float) -> float:
@@ -83,7 +129,9 @@ class TunnelClient:
         self.reverse_wanted: list[dict] = []
         self.reverse_status: dict[str, dict] = {}
         self.reverse_stats = StreamStats()
-        self._control: MessageChannel | None = None
+        self.peer_version = ""  # the gateway's release, from its hello
+        self.peer_protocol: int | None = None
+        self._control: ControlStream | None = None
         self._waiting: list[tuple[Bridge, dict, asyncio.TimerHandle]] = []
         self._up = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -153,24 +201,32 @@ class TunnelClient:
             return None
         skipped: list[dict] = []
         auth = False
+        incompatible: IncompatiblePeer | None = None
         for endpoint in endpoints:
             try:
-                tunnel = await self._dial(endpoint)
+                tunnel, control = await self._dial(endpoint)
+            except IncompatiblePeer as exc:
+                reason, incompatible = exc.reason, exc
             except TunnelError as exc:
                 reason, auth = exc.reason, auth or exc.auth
             except Exception as exc:  # a bug or library error in one backend: that backend failed
                 log.debug("tunnel via %s raised", endpoint.backend, exc_info=True)
                 reason = f"{endpoint.shown}: {type(exc).__name__}: {exc}"
             else:
-                self._went_up(tunnel, endpoint, skipped)
+                self._went_up(tunnel, control, endpoint, skipped)
                 return tunnel
             skipped.append({"backend": endpoint.backend, "url": endpoint.shown, "reason": reason})
+        if incompatible is not None:  # no backend worked and one reached a gateway we cannot use
+            self.last_error = incompatible.reason
+            self.skipped = skipped
+            self.state = "incompatible"
+            raise incompatible  # ends the loop: `velo up` stops with this one line
         self._not_connected("; ".join(f"{s['backend']}: {s['reason']}" for s in skipped)
                             or "no tunnel backend to try", skipped, auth=auth)
         return None
 
-    async def _dial(self, endpoint: Endpoint) -> Tunnel:
-        """Connect one backend, handshake included, within ``connect_timeout``.
+    async def _dial(self, endpoint: Endpoint) -> tuple[Tunnel, ControlStream]:
+        """Connect one backend, handshake and version exchange included, within ``connect_timeout``.
 
         Whatever goes wrong, nothing is left open; a cancellation stays a cancellation,
         even when a backend wrapped it in another exception.
@@ -193,6 +249,8 @@ class TunnelClient:
             async with asyncio.timeout(self.connect_timeout):
                 pipe = await backend.connect(endpoint, lambda: tunnel, timeout=self.connect_timeout)
                 await asyncio.shield(tunnel.connected)
+                control = self._open_control(tunnel)
+                self._check_peer(endpoint, await asyncio.shield(control.hello))
         except BaseException as exc:
             for opened in {id(p): p for p in (pipe, tunnel.pipe) if p is not None}.values():
                 opened.abort()
@@ -201,7 +259,34 @@ class TunnelClient:
             if not isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise asyncio.CancelledError() from exc  # the backend turned our cancel into an error
             raise
-        return tunnel
+        return tunnel, control
+
+    def _open_control(self, tunnel: Tunnel) -> ControlStream:
+        """Announce the session (with our release and protocol) and the reverse listeners.
+
+        The reverse list goes out at once, before the gateway's answer: a gateway from
+        before the version exchange answers it (reverse-status) where a newer one says hello.
+        """
+        control = ControlStream(self._on_control)
+        control.channel.attach(control.bridge)
+        tunnel.open(control.bridge, {"op": protocol.OP_CONTROL, "session": self.session_id, "client": self.client_name,
+                                     "version": __version__, "protocol": protocol.PROTOCOL})
+        control.sent_reverse = list(self.reverse_wanted)
+        control.channel.send({"op": "reverse", "listeners": control.sent_reverse})
+        return control
+
+    def _check_peer(self, endpoint: Endpoint, hello: dict) -> None:
+        """Raise IncompatiblePeer, naming both releases and what to do, unless the protocols match."""
+        version, number = protocol.peer_release(hello)
+        self.peer_version, self.peer_protocol = version, number
+        if number == protocol.PROTOCOL:
+            return
+        theirs = f"velo {version}" if version else "the velo release that gateway runs"
+        raise IncompatiblePeer(
+            f"{protocol.describe_release(__version__, protocol.PROTOCOL)} cannot use the gateway {endpoint.shown}, "
+            f"which runs {protocol.describe_release(version, number)}: run the gateway from velo {__version__} "
+            f"(kubernetes: leave [cluster] proxy_image unset, or give it the velo {__version__} image), "
+            f"or install {theirs} here")
 
     def _not_connected(self, reason: str, skipped: list[dict], *, auth: bool) -> None:
         self.last_error = reason
@@ -217,7 +302,7 @@ class TunnelClient:
     def _not_up(self) -> str:
         return "reconnecting" if self.connects else "connecting"
 
-    def _went_up(self, tunnel: Tunnel, endpoint: Endpoint, skipped: list[dict]) -> None:
+    def _went_up(self, tunnel: Tunnel, control: ControlStream, endpoint: Endpoint, skipped: list[dict]) -> None:
         self.tunnel = tunnel
         self.backend = endpoint.backend
         self.url = endpoint.shown
@@ -226,13 +311,13 @@ class TunnelClient:
         self.last_error = ""
         self.skipped = skipped
         self.up_since = time.time()
-        self.reverse_status = {}
-        self._control = MessageChannel(self._on_control, on_close=None)
-        control = Bridge(StreamStats())
-        self._control.attach(control)
-        tunnel.open(control, {"op": protocol.OP_CONTROL, "session": self.session_id, "client": self.client_name})
-        self._send_reverse()
+        self._control = control
+        control.adopt()
+        if control.sent_reverse != self.reverse_wanted:  # changed during the handshake
+            self._send_reverse()
         why = "".join(f"; skipped {s['backend']}: {s['reason']}" for s in skipped)
+        if self.peer_version != __version__:  # same protocol, another release: fine, said once
+            why += f"; the gateway runs velo {self.peer_version or '?'} (this is {__version__}, both protocol {protocol.PROTOCOL})"
         if self.down_since is not None and self.connects > 1:
             down = time.monotonic() - self.down_since
             log.info("tunnel back via %s (%s) after %s down, %d attempts%s",
@@ -299,9 +384,12 @@ class TunnelClient:
 
     def _send_reverse(self) -> None:
         if self._control is not None:
-            self._control.send({"op": "reverse", "listeners": self.reverse_wanted})
+            self._control.sent_reverse = list(self.reverse_wanted)
+            self._control.channel.send({"op": "reverse", "listeners": self._control.sent_reverse})
 
-    def _on_control(self, message: dict) -> None:
+    def _on_control(self, control: ControlStream, message: dict) -> None:
+        if control is not self._control:  # a tunnel still in its handshake, or an old one
+            return
         if message.get("op") == "reverse-status":
             self.reverse_status = {item["name"]: item for item in message.get("listeners", []) if "name" in item}
             for item in self.reverse_status.values():
@@ -323,6 +411,10 @@ class TunnelClient:
             "attempts": self.attempts,
             "down_for": round(time.monotonic() - self.down_since, 1) if self.down_since is not None else None,
             "waiting": len(self._waiting),
+            "version": __version__,
+            "protocol": protocol.PROTOCOL,
+            "peer_version": self.peer_version,
+            "peer_protocol": self.peer_protocol,
         }
 
 

@@ -21,7 +21,7 @@ from typing import Callable
 from velo.config import ConfigError, VelocityConfig, load_config
 from velo.engine import envfile
 from velo.engine.candidates import Candidate, make_candidates
-from velo.engine.client import TunnelClient
+from velo.engine.client import IncompatiblePeer, TunnelClient
 from velo.engine.control import ControlServer, socket_path
 from velo.engine.mesh import Mesh
 from velo.plan import WILDCARD_HOSTS, Inventory, Plan, build_plan, describe, describe_forward
@@ -215,7 +215,7 @@ class Up:
         if task.cancelled() or self.stopping.is_set():
             return
         exc = task.exception()
-        if isinstance(exc, ProviderError):
+        if isinstance(exc, (ProviderError, IncompatiblePeer)):  # said for the user already
             self.fatal = str(exc)
         elif exc is not None:
             log.debug("%s failed", task.get_name(), exc_info=exc)
@@ -373,6 +373,7 @@ class Up:
 
     def status(self) -> dict:
         status = self.mesh.status()
+        remote = self.provider.status() if self.provider is not None else {}
         status.update(
             project=self.config.project.name,
             provider=self.config.cluster.provider,
@@ -382,7 +383,13 @@ class Up:
             reloads=self.reloads,
             last_reload_error=self.last_reload_error,
             candidates=[c.status() for c in self.candidates],
+            cluster=remote,
         )
+        no_route = remote.get("no_route") or {}
+        for reverse in status["reverses"]:  # bound, but the provider knows nothing is sent to it
+            why = no_route.get(reverse["name"].split("/")[0])
+            if why and reverse["state"] == "listening":
+                reverse["state"] = f"no route: {why}"
         return status
 
 

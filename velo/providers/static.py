@@ -29,9 +29,8 @@ class StaticTable(ProviderTable):
                                           f'"ws://HOST:7070/velo", is {_WHY}'))
         for name in tunnel.preference:
             table = tunnel.table(name)
-            if table is not None and "url" not in type(table).model_fields:
-                problems.append((("tunnel", "prefer"), f"{show_value(name)} has no url; the static provider "
-                                                       "reaches a gateway only by URL"))
+            if table is not None and not table.gateway():
+                problems.append((("tunnel", "prefer"), f"{show_value(name)} {table.no_gateway}"))
         if tunnel.token_source is None:
             problems.append((("tunnel",), f"one of token, token_env or token_file is {_WHY}"))
         for name, svc in config.local.items():
@@ -58,7 +57,8 @@ class StaticSession(ProviderSession):
         tunnel = self.config.tunnel
         token = self.config.resolve_token()
         tables = [(name, tunnel.table(name)) for name in tunnel.preference]
-        return [Endpoint(name, table.url, token, settings=table) for name, table in tables if table is not None]
+        return [Endpoint(name, getattr(table, "url", ""), token, settings=table, label=table.gateway())
+                for name, table in tables if table is not None]
 
     async def inventory(self) -> Inventory:
         services = []

@@ -14,6 +14,7 @@ import logging
 import secrets
 import string
 import threading
+import time
 from importlib import resources
 from typing import AsyncIterator
 
@@ -26,7 +27,7 @@ from velo.plan import Inventory, Reverse, Service, ServicePort, build_plan, serv
 from velo.provider import Endpoint, Provider, ProviderError, ProviderSession
 
 from . import intercept as ix
-from .api import Connection, call, call_sync, connect, explain
+from .api import ApiHealth, Connection, call, call_sync, connect, explain
 
 log = logging.getLogger("velo.kubernetes")
 
@@ -88,7 +89,9 @@ class KubernetesSession(ProviderSession):
         self._stopping = threading.Event()
         self._renewing: asyncio.Task | None = None
         self._drift: set[str] = set()   # intercepted Services someone else put back
+        self.drift_events: dict[str, dict] = {}  # per Service, the last drift: for `velo status`
         self._last_reverses: tuple[Reverse, ...] = ()
+        self.api_health = ApiHealth(conn.server)
 
     @property
     def namespace(self) -> str:
@@ -217,34 +220,60 @@ class KubernetesSession(ProviderSession):
             reverses.append(Reverse(name, port.name if len(ports) > 1 else "", 0, local.host, local_port, port.port))
         return reverses
 
+    WATCH_SECONDS = 30  # the server ends each watch then; a connection dead without a FIN is noticed after +15 s
+
     async def watch(self) -> AsyncIterator[Inventory]:
-        """Services that appear, change or go: a real watch, not a poll."""
+        """Services that appear, change or go: a real watch, not a poll.  It survives the
+        apiserver going away (laptop sleep, a restart): each failure is retried with backoff
+        and shown in `velo status` (``api_health``); back, it lists again and re-reads the
+        cluster, so nothing that changed while nobody watched is missed."""
         loop = asyncio.get_running_loop()
         changed = asyncio.Event()
+        health, doing = self.api_health, "watching Services"
 
         def run() -> None:
             resource_version = None
+            delay = 0.5
             while not self._stopping.is_set():
-                self._watch = watch.Watch()
+                watching_since = None
                 try:
+                    if resource_version is None:  # first, or after a failure: list, then watch from there
+                        listed = self.conn.core.list_namespaced_service(self.namespace, _request_timeout=(5, 15))
+                        resource_version = listed.metadata.resource_version
+                        health.ok(doing)
+                        delay = 0.5
+                        loop.call_soon_threadsafe(changed.set)
+                    self._watch = watch.Watch()
+                    watching_since = time.monotonic()
                     for event in self._watch.stream(self.conn.core.list_namespaced_service, self.namespace,
-                                                    resource_version=resource_version, timeout_seconds=60,
-                                                    _request_timeout=(10, 75)):  # a frozen apiserver too
+                                                    resource_version=resource_version,
+                                                    timeout_seconds=self.WATCH_SECONDS,
+                                                    _request_timeout=(5, self.WATCH_SECONDS + 15)):
                         resource_version = event["object"].metadata.resource_version
                         loop.call_soon_threadsafe(changed.set)
                 except ApiException as exc:
-                    if exc.status == 410:
+                    if exc.status == 410:  # too old to resume: list again
                         resource_version = None
                         continue
-                    self._stopping.wait(1)
-                except Exception:  # network trouble: retry after a pause
-                    if self._stopping.wait(1):
-                        return
+                    failure = exc
+                except Exception as exc:  # noqa: BLE001 - refused, reset, timed out: the apiserver is away
+                    failure = exc
+                else:
+                    continue  # the server ended the watch on time: resume where it was
+                if self._stopping.is_set():
+                    return
+                resource_version = None
+                if watching_since is not None and time.monotonic() - watching_since > 5:
+                    continue  # a watch that worked, broken once (a proxy's reset): list again at once, quietly
+                health.failed(doing, failure)
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, 4.0)
 
         thread = threading.Thread(target=run, name="velo-watch-services", daemon=True)
         thread.start()
         last = None
-        failing = False
+        doing_reread, delay = "re-reading the cluster", 0.5
         while True:
             await changed.wait()
             await asyncio.sleep(0.2)  # coalesce a burst of events
@@ -254,15 +283,13 @@ class KubernetesSession(ProviderSession):
                     await self._mind_drift()
                 inventory = await self.inventory()
             except ProviderError as exc:  # a transient API error never ends the session: retry
-                if not failing:
-                    log.warning("re-reading the cluster failed: %s (retrying)", str(exc).splitlines()[0])
-                failing = True
-                await asyncio.sleep(2)
+                health.failed(doing_reread, exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 4.0)
                 changed.set()
                 continue
-            if failing:
-                log.warning("reading the cluster works again")
-            failing = False
+            health.ok(doing_reread)
+            delay = 0.5
             if inventory != last:
                 last = inventory
                 yield inventory
@@ -270,24 +297,65 @@ class KubernetesSession(ProviderSession):
     async def _mind_drift(self) -> None:
         """An intercepted Service put back by someone else is said once per change and, with
         ``on_drift = "reapply"``, intercepted again (its new selector becomes the original)."""
+        import time
+
         reapply = self.config.cluster.on_drift == "reapply"
         services = {s.metadata.name: s for s in await self._services()}
         for name in list(self.intercepted):
             svc = services.get(name)
             if svc is None or not ix.drifted(svc, self.session):
+                if name in self._drift and name in self.drift_events:  # pointed at the proxy again
+                    self.drift_events[name]["state"] = "intercepted again"
                 self._drift.discard(name)
                 continue
             if name not in self._drift:
                 log.warning("Service %s was changed back by someone else (a GitOps sync or kubectl apply?)%s", name,
                             "; intercepting it again" if reapply else "; its traffic no longer reaches this laptop "
                             '(cluster.on_drift = "warn")')
+                times = self.drift_events.get(name, {}).get("times", 0) + 1
+                self.drift_events[name] = {"service": name, "at": time.time(), "times": times,
+                                           "on_drift": self.config.cluster.on_drift,
+                                           "state": "re-applying" if reapply else "no route", "reapplied_at": None}
             self._drift.add(name)
             if reapply:
+                event = self.drift_events[name]
                 ports = {r.service_port: r.gateway_port for r in self._last_reverses if r.service == name}
-                await asyncio.to_thread(ix.release, self.conn, name, self.session)
-                await asyncio.to_thread(ix.intercept, self.conn, name, self.session,
-                                        lambda s: ix.lease_alive(self.conn, s), ports)
+                try:
+                    await asyncio.to_thread(ix.release, self.conn, name, self.session)
+                    await asyncio.to_thread(ix.intercept, self.conn, name, self.session,
+                                            lambda s: ix.lease_alive(self.conn, s), ports)
+                except ProviderError as exc:  # the watch retries; status says why meanwhile
+                    event["state"] = f"re-applying failed: {str(exc).splitlines()[0]}"
+                    raise
+                event.update(state="reapplied", reapplied_at=time.time())
                 self._drift.discard(name)
+
+    def status(self) -> dict:
+        """For `velo status`: the cluster API's health, and each intercepted Service someone
+        else changed back, when, and whether velo re-applied its swap or it has no route."""
+        import time
+
+        def clock(at: float) -> str:
+            return time.strftime("%H:%M:%S", time.localtime(at))
+
+        events = {name: event for name, event in sorted(self.drift_events.items()) if name in self.intercepted}
+        notes, no_route = [], {}
+        for name, event in events.items():
+            line = f"Service {name} was changed back by someone else at {clock(event['at'])}"
+            if event["times"] > 1:
+                line += f" ({event['times']} times this session)"
+            if event["state"] == "reapplied":
+                line += f"; velo re-applied its swap at {clock(event['reapplied_at'])}"
+            elif event["state"] == "intercepted again":
+                line += "; it points at this laptop again"
+            else:
+                no_route[name] = "changed back by someone else"  # short: a table cell; the note says more
+                line += (": its traffic goes to its own pods, not this laptop (cluster.on_drift = \"warn\"; "
+                         "restart `velo up` to intercept it again)" if event["state"] == "no route"
+                         else f": no route to this laptop ({event['state']})")
+            notes.append(line)
+        return {"api": self.api_health.status(), "drift": [dict(e) for e in events.values()], "notes": notes,
+                "no_route": no_route}
 
     # ---- the in-cluster side -------------------------------------------------------
 
@@ -474,10 +542,13 @@ class KubernetesSession(ProviderSession):
         docs = self._manifests(inventory)
 
         def create(doc):
-            try:
-                return utils.create_from_dict(conn.api, doc, namespace=self.namespace)[0]
+            doing = f"creating {doc['kind']} {doc['metadata']['name']}"
+            try:  # bounded like every other call: a frozen apiserver must not hang the start
+                return utils.create_from_dict(conn.api, doc, namespace=self.namespace, _request_timeout=15)[0]
             except utils.FailToCreateError as exc:
-                raise explain(exc.api_exceptions[0], conn, f"creating {doc['kind']} {doc['metadata']['name']}") from None
+                raise explain(exc.api_exceptions[0], conn, doing) from None
+            except Exception as exc:  # a timeout, a refused connection
+                raise explain(exc, conn, doing) from None
 
         # The Deployment first, scaled to zero: everything else is created owned by it, so
         # deleting that one object (by name) removes the session whatever step failed.
@@ -524,32 +595,34 @@ class KubernetesSession(ProviderSession):
             await asyncio.shield(self._renewing)
 
     async def _renew(self) -> None:
-        """Renew the lease every lease/3; if it is gone anyway (laptop asleep), say so and stop."""
+        """Renew the lease every lease/3, and while the API fails sooner (with backoff), so
+        that the lease is fresh again within seconds of the apiserver's return.  If the
+        Lease is gone anyway (it lapsed while the tunnel was down too, or someone deleted
+        it), say so and stop: the Services were or will be restored."""
         interval = max(1.0, self.config.cluster.lease_seconds / 3)
         name = ix.lease_name(self.session)
-        failing = False
+        doing = "renewing the lease"
+        wait, retry = interval, 0.5
         while True:
-            await asyncio.sleep(interval)
+            await asyncio.sleep(wait)
             try:
                 await asyncio.to_thread(
                     self.conn.coordination.patch_namespaced_lease, name, self.namespace,
-                    {"spec": {"renewTime": _micro_now()}}, _request_timeout=10)
+                    {"spec": {"renewTime": _micro_now()}}, _request_timeout=(5, 10))
             except ApiException as exc:
                 if exc.status == 404:
-                    raise ProviderError("this session's lease is gone: it lapsed (was the laptop asleep?) and the "
-                                        "cluster restored the Services; run `velo up` again") from None
-                if not failing:
-                    log.warning("renewing the lease failed: %s (retrying; the tunnel keeps the session alive)",
-                                exc.reason)
-                failing = True
-            except Exception as exc:  # network blip: try again next time, the lease has slack
-                if not failing:
-                    log.warning("renewing the lease failed: %s (retrying; the tunnel keeps the session alive)", exc)
-                failing = True
+                    raise ProviderError(f"this session's Lease {name} is gone (it lapsed while this laptop was "
+                                        "away, or someone deleted it): the session ends and its Services are "
+                                        "restored; run `velo up` again") from None
+                failure = exc
+            except Exception as exc:  # noqa: BLE001 - the apiserver is away: try again soon, the lease has slack
+                failure = exc
             else:
-                if failing:
-                    log.warning("renewing the lease works again")
-                failing = False
+                self.api_health.ok(doing)
+                wait, retry = interval, 0.5
+                continue
+            self.api_health.failed(doing, failure)
+            wait, retry = min(retry, interval), min(retry * 2, 4.0)
 
     async def close(self) -> None:
         self._stopping.set()

@@ -10,6 +10,8 @@ import asyncio
 import json
 import logging
 import os
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,13 +72,16 @@ def in_cluster_connection(namespace: str | None = None) -> Connection:
     return Connection(client.ApiClient(configuration), ns, "in-cluster", configuration.host, "serviceaccount")
 
 
-def connect(context: str = "", namespace: str = "") -> Connection:
-    """kubeconfig from KUBECONFIG or ~/.kube/config; context and namespace from the
-    arguments or the kubeconfig's current context."""
+def connect(context: str = "", namespace: str = "", config_file: str | None = None) -> Connection:
+    """kubeconfig from ``config_file``, else KUBECONFIG or ~/.kube/config; context and
+    namespace from the arguments or the kubeconfig's current context."""
+    if config_file is not None and not os.path.isfile(os.path.expanduser(config_file)):
+        raise ProviderError(f"kubeconfig {config_file}: no such file")
+    files = {"config_file": os.path.expanduser(config_file)} if config_file is not None else {}
     try:
-        contexts, current = kubeconfig.list_kube_config_contexts()
+        contexts, current = kubeconfig.list_kube_config_contexts(**files)
     except kubeconfig.ConfigException as exc:
-        where = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        where = config_file or os.environ.get("KUBECONFIG") or "~/.kube/config"
         raise ProviderError(f"no usable kubeconfig ({where}): {exc}; set KUBECONFIG or cluster.context") from None
     except FileNotFoundError:
         raise ProviderError("no kubeconfig found (KUBECONFIG is unset and ~/.kube/config does not exist)") from None
@@ -86,7 +91,7 @@ def connect(context: str = "", namespace: str = "") -> Connection:
         raise ProviderError(f'cluster.context: no context "{context}" in the kubeconfig; available: {", ".join(names)}')
     configuration = client.Configuration()
     try:
-        kubeconfig.load_kube_config(context=chosen["name"], client_configuration=configuration)
+        kubeconfig.load_kube_config(context=chosen["name"], client_configuration=configuration, **files)
     except kubeconfig.ConfigException as exc:
         raise ProviderError(f'kubeconfig context "{chosen["name"]}": {exc}') from None
     configuration.retries = False
@@ -146,3 +151,47 @@ def call_sync(conn: Connection, doing: str, fn, *args, **kwargs):
         return fn(*args, _request_timeout=15, **kwargs)
     except Exception as exc:
         raise explain(exc, conn, doing) from None
+
+
+def brief(exc: Exception) -> str:
+    """A failed call in a few words (for a log line or `velo status`)."""
+    if isinstance(exc, ApiException):
+        return f"HTTP {exc.status} {_api_message(exc)}" if exc.status else str(exc.reason)
+    return _reason(exc)
+
+
+class ApiHealth:
+    """Whether the cluster API answers the session's background calls (the Service watch,
+    the Lease renewal, re-reading the cluster).  A transient failure is retried by each of
+    them, never a reason to end the session: the first failure is one log line, the
+    recovery of the last one another, and in between `velo status` shows it.  Called from
+    the watch thread and from the event loop alike."""
+
+    def __init__(self, server: str):
+        self.server = server
+        self._lock = threading.Lock()
+        self._failing: dict[str, str] = {}  # what -> its last error
+        self._since: float | None = None
+
+    def failed(self, what: str, exc: Exception) -> None:
+        with self._lock:
+            first = not self._failing
+            self._failing[what] = brief(exc)
+            if first:
+                self._since = time.time()
+        if first:
+            log.warning("the cluster API is failing (%s: %s); retrying, forwards and the tunnel keep working",
+                        what, brief(exc))
+
+    def ok(self, what: str) -> None:
+        with self._lock:
+            if self._failing.pop(what, None) is None or self._failing:
+                return
+            since, self._since = self._since, None
+        log.warning("the cluster API works again (after %.0fs)", time.time() - (since or time.time()))
+
+    def status(self) -> dict:
+        with self._lock:
+            return {"state": "failing" if self._failing else "ok", "server": self.server,
+                    "error": "; ".join(f"{what}: {error}" for what, error in self._failing.items()) or None,
+                    "since": self._since}

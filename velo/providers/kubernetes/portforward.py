@@ -1,11 +1,17 @@
-"""The kubernetes provider's half of the port-forward backend: which pod, which URL, which
-credentials. (The protocol itself is ``velo.backends.portforward``.)
+"""pods/portforward endpoints: which pod, which URL, which credentials. (The protocol
+itself is ``velo.backends.portforward``.)
 
-Asked before every (re)connect, so a deleted, crashed or rescheduled traffic-proxy pod is
-followed: the pod is found again by the session's labels. Credentials are taken from the
-``kubernetes.client.Configuration`` the kubeconfig loader made, so whatever it supports
-works here too: client certificates, bearer tokens, exec credential plugins (their
-refresh hook runs first, so an expired cloud token is renewed).
+Two callers, one code path from "a pod" to "an Endpoint the backend can dial":
+- the kubernetes provider, for its traffic-proxy, found by the session's labels
+  (``endpoint``);
+- the port-forward backend itself, for a pod named in ``[tunnel.port-forward] pod``,
+  with any provider (``named_pod_endpoint``): a gateway the user runs in a pod of their own.
+
+Both are asked before every (re)connect, so a deleted, crashed or rescheduled pod is
+followed. Credentials are taken from the ``kubernetes.client.Configuration`` the
+kubeconfig loader made, so whatever it supports works here too: client certificates,
+bearer tokens, exec credential plugins (their refresh hook runs first, so an expired
+cloud token is renewed).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import asyncio
 import ssl
 from urllib.parse import quote
 
-from velo.provider import Endpoint
+from velo.provider import Endpoint, ProviderError
 
 from .api import Connection, call
 
@@ -55,10 +61,30 @@ def portforward_url(conn: Connection, namespace: str, pod: str, port: int) -> st
     return f"{ws}://{rest}/api/v1/namespaces/{quote(namespace)}/pods/{quote(pod)}/portforward?ports={port}"
 
 
-def _ready(pod) -> bool:
+def not_ready(pod) -> str:
+    """Why port-forward to this pod cannot work now ("" when it can)."""
+    if pod.metadata.deletion_timestamp:
+        return "is being deleted"
     conditions = {c.type: c.status for c in (pod.status.conditions or [])}
-    return (pod.status.phase == "Running" and conditions.get("Ready") == "True"
-            and not pod.metadata.deletion_timestamp)
+    phase = pod.status.phase or "Unknown"
+    if phase != "Running":
+        return f"is not running (phase {phase})"
+    if conditions.get("Ready") != "True":
+        return "is not Ready"
+    return ""
+
+
+async def pod_endpoint(conn: Connection, namespace: str, pod: str, port: int, *, backend: str, token: str,
+                       settings) -> Endpoint:
+    """The Endpoint to ``port`` of this (ready) pod, with the kubeconfig's credentials."""
+    label = f"pod {namespace}/{pod} port {port}"
+    try:
+        context, headers = await asyncio.to_thread(apiserver_credentials, conn)
+    except Exception as exc:  # an exec plugin that fails, unreadable cert files...
+        return Endpoint(backend, "", token, settings=settings, label=label,
+                        problem=f"kubeconfig credentials for {conn.server}: {exc}")
+    return Endpoint(backend, portforward_url(conn, namespace, pod, port), token, settings=settings,
+                    ssl_context=context, headers=headers, label=label)
 
 
 async def endpoint(conn: Connection, namespace: str, selector: str, port: int, *, backend: str, token: str,
@@ -71,15 +97,29 @@ async def endpoint(conn: Connection, namespace: str, selector: str, port: int, *
     except Exception as exc:
         return Endpoint(backend, "", token, settings=settings, label=f"pods/portforward ({selector})",
                         problem=f"finding the traffic-proxy pod: {exc}")
-    ready = sorted((p for p in pods if _ready(p)), key=lambda p: p.metadata.creation_timestamp, reverse=True)
+    ready = sorted((p for p in pods if not not_ready(p)), key=lambda p: p.metadata.creation_timestamp,
+                   reverse=True)
     if not ready:
         return Endpoint(backend, "", token, settings=settings, label=f"pods/portforward ({selector})",
                         problem=f"no ready traffic-proxy pod in namespace {namespace} ({selector})")
-    pod = ready[0].metadata.name
+    return await pod_endpoint(conn, namespace, ready[0].metadata.name, port, backend=backend, token=token,
+                              settings=settings)
+
+
+async def named_pod_endpoint(conn: Connection, namespace: str, pod: str, port: int, *, backend: str, token: str,
+                             settings) -> Endpoint:
+    """The Endpoint to a pod known by name, read again on every call (so a pod recreated
+    under the same name is followed), or an Endpoint whose ``problem`` is one line: the pod
+    does not exist, is not ready, or this user may not read it."""
+    label = f"pod {namespace}/{pod} port {port}"
     try:
-        context, headers = await asyncio.to_thread(apiserver_credentials, conn)
-    except Exception as exc:  # an exec plugin that fails, unreadable cert files...
-        return Endpoint(backend, "", token, settings=settings, label=f"pod {pod}",
-                        problem=f"kubeconfig credentials for {conn.server}: {exc}")
-    return Endpoint(backend, portforward_url(conn, namespace, pod, port), token, settings=settings,
-                    ssl_context=context, headers=headers, label=f"pod {namespace}/{pod} port {port}")
+        found = await call(conn, f"reading pod {namespace}/{pod}", conn.core.read_namespaced_pod, pod, namespace)
+    except ProviderError as exc:
+        text = str(exc)
+        if text.startswith(f"reading pod {namespace}/{pod}: ") and "not found" in text:
+            text = f"pod {namespace}/{pod} not found (context {conn.context})"
+        return Endpoint(backend, "", token, settings=settings, label=label, problem=text)
+    why = not_ready(found)
+    if why:
+        return Endpoint(backend, "", token, settings=settings, label=label, problem=f"pod {namespace}/{pod} {why}")
+    return await pod_endpoint(conn, namespace, pod, port, backend=backend, token=token, settings=settings)
