@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 from kubernetes import client
 from kubernetes.stream import portforward
@@ -21,10 +22,17 @@ def velo(*args, cwd, kubeconfig, timeout=60) -> subprocess.CompletedProcess:
 
 
 def kube_config(path, namespace: str, url: str, *, candidate_port: int | None = None, lease: int = 30,
-                extra: str = "", exclude: str = '"dns"', ready_timeout: float = 60, cluster_extra: str = ""):
+                extra: str = "", exclude: str = '"dns"', ready_timeout: float = 60, cluster_extra: str = "",
+                project: str | None = None):
+    """A kubernetes project in folder ``path``.  Its name (which the derived local ports come
+    from) is the folder's own unless given: two `velo up` on one machine, in this run or
+    another, never want the same ports; rewriting the same folder's config keeps it."""
+    import zlib
+
+    name = project or f"shop-{zlib.crc32(str(Path(path).resolve()).encode()):08x}"
     text = f"""
 [project]
-name = "shop"
+name = "{name}"
 
 [cluster]
 provider = "kubernetes"

@@ -61,12 +61,6 @@ def pod_server(cluster, namespace):
         kill_and_wait(proc.pid, None, grace=5, popen=proc)
 
 
-def own_project(config: Path) -> Path:
-    """Another project name than the other kube tests' "shop": its own stable local ports,
-    so that this test can run beside them on one machine."""
-    config.write_text(config.read_text().replace('name = "shop"', 'name = "shop-headless-token"', 1))
-    return config
-
 
 def make_pod(cluster, namespace: str, name: str, labels: dict, *, hostname: str = "", subdomain: str = "") -> None:
     """A Pod on the kwok node (kwok runs it: Running, Ready, an IP), like a StatefulSet's."""
@@ -85,7 +79,7 @@ def test_a_headless_service_is_forwarded_to_its_ready_pod(cluster, namespace, sh
     make_pod(cluster, namespace, "ledger-0", {"app": "ledger"}, hostname="ledger-0", subdomain="ledger")
     wait_for(lambda: endpoint_pods(cluster, namespace, "ledger") == {"ledger-0"}, 60, "ledger's EndpointSlice")
     ip = pod_server("ledger-0", 7000)
-    config = own_project(kube_config(tmp_path / "p", namespace, shop.url))
+    config = kube_config(tmp_path / "p", namespace, shop.url)
     up = kube_up(procs, config, env={KUBE_ENV_KEY: str(cluster.kubeconfig)})
     forward = up.forward("ledger")
     # no Service proxy in front of a headless Service's pods: their port (targetPort) is dialled
@@ -105,7 +99,7 @@ def test_the_session_token_shows_nowhere(cluster, namespace, shop, procs, tmp_pa
     """Not in `velo up`'s output (at debug level), `velo status` or its JSON, the
     traffic-proxy's log, or the repr of the Endpoints that carry it."""
     laptop = procs.server("http", text="laptop")
-    config = own_project(kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop))
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop)
     env = {KUBE_ENV_KEY: str(cluster.kubeconfig)}
     up = procs.start("up", [sys.executable, "-m", "velo", "up", "--log-level", "debug", "-c", str(config)],
                      env=env, cwd=config.parent)

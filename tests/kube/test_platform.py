@@ -132,18 +132,13 @@ def bind(cluster, namespace: str, user: str, role: dict) -> None:
         subjects=[client.RbacV1Subject(kind="User", name=user, api_group="rbac.authorization.k8s.io")]))
 
 
-def own_project(config, name: str):
-    """A project name of its own: derived local ports that no other `velo up` here uses."""
-    config.write_text(config.read_text().replace('name = "shop"', f'name = "{name}"', 1))
-    return config
-
 
 def test_a_whole_session_as_a_user_bound_to_exactly_the_printed_role(cluster, namespace, platform, procs, tmp_path):
     kubeconfig = user_kubeconfig(cluster, tmp_path, namespace)
     laptop = procs.server("http", text="alice's laptop")
     api_laptop = procs.server("http", text="alice's api")
-    config = own_project(kube_config(tmp_path / "p", namespace, platform.url, candidate_port=laptop, lease=5,
-                                     extra='workload = "deployment/website"\n'), "platform-alice")
+    config = kube_config(tmp_path / "p", namespace, platform.url, candidate_port=laptop, lease=5,
+                         extra='workload = "deployment/website"\n', project="platform-alice")
     denied = velo("env", cwd=config.parent, kubeconfig=kubeconfig)
     assert denied.returncode == 2 and "permission denied" in denied.stderr, "the user starts with no rights"
     printed = velo("rbac", cwd=config.parent, kubeconfig=kubeconfig)
@@ -165,8 +160,8 @@ def test_a_whole_session_as_a_user_bound_to_exactly_the_printed_role(cluster, na
 
     # live edits: adding a Service someone else holds is refused; once free it is intercepted
     # (its workload named explicitly), then removed again
-    teammate = own_project(kube_config(tmp_path / "t", namespace, "", exclude='"*"', lease=5,
-                                       extra=f'\n[local.api]\nport = {api_laptop}\n'), "platform-teammate")
+    teammate = kube_config(tmp_path / "t", namespace, "", exclude='"*"', lease=5,
+                           extra=f'\n[local.api]\nport = {api_laptop}\n', project="platform-teammate")
     teammate.write_text(teammate.read_text().replace('[tunnel.websocket]\nurl = ""\n', ""))  # port-forward
     other = kube_up(procs, teammate, env=env)
     held = service(cluster, namespace, "api").metadata.annotations[ix.ANN_SESSION]

@@ -89,16 +89,18 @@ def test_each_port_of_a_multi_port_service_reaches_its_own_local_port(cluster, n
     assert not any(k.startswith("velo.dev/") for k in (svc.metadata.annotations or {}))
 
 
-@pytest.mark.parametrize("name, why", [
-    ("resolver", "Service resolver has a UDP port dns: intercepting it would move that traffic too, "
-                 "and velo carries TCP only"),
-    ("manual", "Service manual has no selector (its endpoints are managed by hand)"),
-    ("alias", "Service alias is an ExternalName alias for example.org: it has no pods"),
+@pytest.mark.parametrize("name, keys, why", [
+    ("resolver", {"port": 3000}, "Service resolver has a UDP port dns: intercepting it would move that traffic too, "
+                                 "and velo carries TCP only"),
+    ("manual", {"port": 3000}, "Service manual has no selector (its endpoints are managed by hand)"),
+    ("alias", {"port": 3000}, "Service alias is an ExternalName alias for example.org: it has no pods"),
+    ("multi", {"ports": {"http": 3000}}, "Service multi port alt has no entry in local.multi.ports: a selector "
+                                         "swap moves every port of the Service"),
 ])
 def test_a_candidate_velo_cannot_carry_is_refused_before_anything_is_created(cluster, namespace, apps, tmp_path,
-                                                                             name, why):
+                                                                             name, keys, why):
     before = cluster.core.read_namespaced_service(name, namespace).metadata.resource_version
-    config = kube_config(tmp_path / "p", namespace, apps.url, exclude='"*"', extra=local(name, port=3000))
+    config = kube_config(tmp_path / "p", namespace, apps.url, exclude='"*"', extra=local(name, **keys))
     for command in (["config", "check"], ["up"]):
         result = velo(*command, cwd=config.parent, kubeconfig=cluster.kubeconfig, timeout=90)
         assert result.returncode == 2, (command, result.stdout, result.stderr)

@@ -115,15 +115,6 @@ def skewed(offset: str) -> dict[str, str]:
             "FAKETIME_NO_CACHE": "1"}
 
 
-def own_config(path, namespace: str, url: str, **kwargs):
-    """``kube_config`` under a project name of its own: the derived local ports depend on it,
-    so this test's `velo up` never collides with another run's on the same machine."""
-    import secrets
-
-    config = kube_config(path, namespace, url, **kwargs)
-    config.write_text(config.read_text().replace('name = "shop"', f'name = "shop-{secrets.token_hex(3)}"', 1))
-    return config
-
 
 def renewals(cluster, namespace: str, count: int, timeout: float) -> None:
     """Wait until the session's Lease was written ``count`` more times (time passing, measured
@@ -189,7 +180,7 @@ def test_a_live_tunnel_keeps_the_session_while_the_laptop_cannot_reach_the_apise
         kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig",
                                         server=f"https://127.0.0.1:{relay.port}")
         laptop = procs.server("http", text="laptop still here")
-        config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+        config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
         up = kube_up(procs, config, env={"KUBECONFIG": str(kubeconfig)})
         assert intercepted(cluster, namespace)
         before = session_lease(cluster, namespace).metadata.resource_version
@@ -432,7 +423,7 @@ def test_the_apiserver_stopped_for_30s_ends_nothing(cluster, namespace, shop, pr
 
     lease_seconds = 15
     laptop = procs.server("http", text="laptop through the outage")
-    config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
     backend, cache = up.port("backend"), up.port("cache")
@@ -499,7 +490,7 @@ def test_the_apiserver_terminated_for_30s_and_started_again_ends_nothing(cluster
     # apiserver that is gone. What this test proves is that nothing *else* in the session
     # needs the apiserver while the tunnel has its own path.
     laptop = procs.server("http", text="laptop through the restart")
-    config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=30)
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=30)
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
     backend, cache = up.port("backend"), up.port("cache")
@@ -597,7 +588,7 @@ def test_the_sessions_lease_deleted_by_hand_stops_the_session_with_one_line(clus
     it changed; it never keeps running without a Lease."""
     lease_seconds = 6
     laptop = procs.server("http", text="laptop")
-    config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
     lease = session_lease(cluster, namespace).metadata.name
@@ -627,7 +618,7 @@ def test_a_dropped_api_connection_is_resumed_at_once_and_quietly(cluster, namesp
     try:
         kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig",
                                         server=f"https://127.0.0.1:{relay.port}")
-        config = own_config(tmp_path / "p", namespace, shop.url)
+        config = kube_config(tmp_path / "p", namespace, shop.url)
         up = kube_up(procs, config, env={"KUBECONFIG": str(kubeconfig)})
         time.sleep(6)  # a watch that has worked for a while (not one that fails at once)
         relay.cut()

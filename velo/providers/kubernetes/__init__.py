@@ -212,9 +212,11 @@ class KubernetesSession(ProviderSession):
             key = port.name or str(port.port)
             if local.ports is not None:
                 local_port = local.ports.get(key) or local.ports.get(str(port.port))
-                if local_port is None:
-                    log.warning("Service %s port %s has no entry in local.%s.ports; not intercepted", name, key, name)
-                    continue
+                if local_port is None:  # the swap would move it too, to a proxy port nobody listens on
+                    raise ProviderError(
+                        f"[local.{name}]: Service {name} port {key} has no entry in local.{name}.ports: a selector "
+                        f"swap moves every port of the Service, so its traffic would go nowhere; give it a local "
+                        f"port too ({key} = PORT)")
             else:
                 local_port = local.port
             reverses.append(Reverse(name, port.name if len(ports) > 1 else "", 0, local.host, local_port, port.port))
