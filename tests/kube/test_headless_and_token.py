@@ -62,37 +62,46 @@ def pod_server(cluster, namespace):
 
 
 
-def make_pod(cluster, namespace: str, name: str, labels: dict, *, hostname: str = "", subdomain: str = "") -> None:
+def make_pod(cluster, namespace: str, name: str, labels: dict, *, hostname: str = "", subdomain: str = "",
+             ports: dict[str, int] | None = None) -> None:
     """A Pod on the kwok node (kwok runs it: Running, Ready, an IP), like a StatefulSet's."""
+    declared = [client.V1ContainerPort(name=n, container_port=p) for n, p in (ports or {}).items()] or None
     cluster.core.create_namespaced_pod(namespace, client.V1Pod(
         metadata=client.V1ObjectMeta(name=name, labels=labels),
         spec=client.V1PodSpec(hostname=hostname or None, subdomain=subdomain or None,
-                              containers=[client.V1Container(name="main", image="ledger:dev")])))
+                              containers=[client.V1Container(name="main", image="ledger:dev", ports=declared)])))
 
 
-def test_a_headless_service_is_forwarded_to_its_ready_pod(cluster, namespace, shop, procs, tmp_path, pod_server):
+@pytest.mark.parametrize("svc, target_port", [("ledger", 7000), ("journal", "journal-http")],
+                         ids=["numbered", "named"])
+def test_a_headless_service_is_forwarded_to_its_ready_pod(cluster, namespace, shop, procs, tmp_path, pod_server,
+                                                          svc, target_port):
+    """A named targetPort is the number the pod declares under that name (7000 here too; the
+    Service's own port 80 has nothing behind it)."""
     core = cluster.core
     core.create_namespaced_service(namespace, client.V1Service(
-        metadata=client.V1ObjectMeta(name="ledger"),
-        spec=client.V1ServiceSpec(cluster_ip="None", selector={"app": "ledger"},
-                                  ports=[client.V1ServicePort(name="http", port=80, target_port=7000)])))
-    make_pod(cluster, namespace, "ledger-0", {"app": "ledger"}, hostname="ledger-0", subdomain="ledger")
-    wait_for(lambda: endpoint_pods(cluster, namespace, "ledger") == {"ledger-0"}, 60, "ledger's EndpointSlice")
-    ip = pod_server("ledger-0", 7000)
+        metadata=client.V1ObjectMeta(name=svc),
+        spec=client.V1ServiceSpec(cluster_ip="None", selector={"app": svc},
+                                  ports=[client.V1ServicePort(name="http", port=80, target_port=target_port)])))
+    pod = f"{svc}-0"
+    make_pod(cluster, namespace, pod, {"app": svc}, hostname=pod, subdomain=svc, ports={f"{svc}-http": 7000})
+    wait_for(lambda: endpoint_pods(cluster, namespace, svc) == {pod}, 60, f"{svc}'s EndpointSlice")
+    ip = pod_server(pod, 7000)
     config = kube_config(tmp_path / "p", namespace, shop.url)
     up = kube_up(procs, config, env={KUBE_ENV_KEY: str(cluster.kubeconfig)})
-    forward = up.forward("ledger")
+    forward = up.forward(svc)
     # no Service proxy in front of a headless Service's pods: their port (targetPort) is dialled
-    assert forward["target"] == f"ledger.{namespace}.svc.cluster.local:7000", forward
-    answer = http_get(up.port("ledger"), timeout=15)
-    assert answer.startswith(b"HTTP/1.0 200") and f"{namespace}/ledger-0".encode() in answer, answer
+    assert forward["target"] == f"{svc}.{namespace}.svc.cluster.local:7000", forward
+    answer = http_get(up.port(svc), timeout=15)
+    assert answer.startswith(b"HTTP/1.0 200") and f"{namespace}/{pod}".encode() in answer, answer
     # the proxy resolved the name itself: its hosts file has the pod's records, nothing else does
-    proxy = next(p for p in core.list_namespaced_pod(namespace, label_selector=ix.LABEL_SESSION).items
-                 if p.status.phase == "Running")
+    proxy = max((p for p in core.list_namespaced_pod(namespace, label_selector=ix.LABEL_SESSION).items
+                 if p.status.phase == "Running" and not p.metadata.deletion_timestamp),
+                key=lambda p: p.metadata.creation_timestamp)  # this session's (an earlier test's may linger)
     hosts = Path(podrunner.pod_process(cluster.cluster.state_dir, namespace, proxy.metadata.name)["hosts_file"])
     records = hosts.read_text()
-    assert f"{ip}\tledger.{namespace}.svc.cluster.local" in records, records
-    assert f"{ip}\tledger-0.ledger.{namespace}.svc.cluster.local" in records, records
+    assert f"{ip}\t{svc}.{namespace}.svc.cluster.local" in records, records
+    assert f"{ip}\t{pod}.{svc}.{namespace}.svc.cluster.local" in records, records
 
 
 def test_the_session_token_shows_nowhere(cluster, namespace, shop, procs, tmp_path):

@@ -109,7 +109,7 @@ class KubernetesSession(ProviderSession):
         by_name = {s.metadata.name: s for s in services}
         inventory_services = []
         for svc in services:
-            ports = self._service_ports(svc, self._warned)
+            ports = self._service_ports(svc, self._warned, await self._named_target_ports(svc))
             if ports:
                 inventory_services.append(Service(svc.metadata.name, tuple(ports)))
         reverses: list[Reverse] = []
@@ -142,7 +142,36 @@ class KubernetesSession(ProviderSession):
         self._last_reverses = tuple(assign_proxy_ports(reverses, kept))
         return Inventory(tuple(inventory_services), self._last_reverses, tuple(env.items()), frozenset(secret_keys))
 
-    def _service_ports(self, svc, warned: set) -> list[ServicePort]:
+    async def _named_target_ports(self, svc) -> dict[str, int]:
+        """A headless Service's pods are dialled directly, so a named targetPort must become
+        the number its pods declare, as the EndpointSlice controller resolves it: taken from
+        the running pods its selector picks (one list, only for such Services)."""
+        spec = svc.spec
+        names = {p.target_port for p in spec.ports or [] if isinstance(p.target_port, str)}
+        if spec.cluster_ip != "None" or not names or not spec.selector:
+            return {}
+        selector = ",".join(f"{k}={v}" for k, v in sorted(spec.selector.items()))
+        pods = (await call(self.conn, f"listing the pods of Service {svc.metadata.name}",
+                           self.conn.core.list_namespaced_pod, self.namespace, label_selector=selector)).items
+        found: dict[str, set[int]] = {}
+        for pod in pods:
+            if pod.status.phase != "Running":
+                continue
+            for container in pod.spec.containers or []:
+                for port in container.ports or []:
+                    if port.name in names and (port.protocol or "TCP") == "TCP":
+                        found.setdefault(port.name, set()).add(port.container_port)
+        resolved = {}
+        for name, numbers in found.items():
+            resolved[name] = min(numbers)
+            key = f"{svc.metadata.name}/{name}/{sorted(numbers)}"
+            if len(numbers) > 1 and key not in self._warned:
+                self._warned.add(key)
+                log.warning("Service %s: its pods declare port %s as %s; dialling %d", svc.metadata.name, name,
+                            ", ".join(map(str, sorted(numbers))), resolved[name])
+        return resolved
+
+    def _service_ports(self, svc, warned: set, named: dict[str, int] | None = None) -> list[ServicePort]:
         name = svc.metadata.name
         spec = svc.spec
         if spec.type == "ExternalName":
@@ -158,8 +187,15 @@ class KubernetesSession(ProviderSession):
                     log.warning("Service %s: %s port %s skipped (velo forwards TCP only)", name, port.protocol, port.port)
                 continue
             target = port.port
-            if headless and isinstance(port.target_port, int):
-                target = port.target_port  # no proxying: pods are dialled directly
+            if headless:  # no proxying: pods are dialled directly, at their own port
+                if isinstance(port.target_port, int):
+                    target = port.target_port
+                elif port.target_port and (named or {}).get(port.target_port):
+                    target = named[port.target_port]
+                elif port.target_port and f"{name}/{port.target_port}" not in warned:
+                    warned.add(f"{name}/{port.target_port}")
+                    log.warning("Service %s: no running pod declares its targetPort %s yet; dialling port %d",
+                                name, port.target_port, port.port)
             ports.append(ServicePort(port.name or "", port.port, host, target))
         return ports
 
