@@ -117,3 +117,16 @@ def test_start_window_is_announced_in_the_ack_and_paid_from_the_budget():
     assert sender.send_window(second) == INITIAL_WINDOW  # budget spent: the yamux default
     assert tuner.granted == 1 * MiB - INITIAL_WINDOW
 
+
+
+def test_a_window_bound_stream_over_a_wan_grows_4x_per_credit():
+    """Over a real path a window-bound stream's credits come a round trip plus half a
+    window's arrival apart (1.2-1.8 round trips at 10 ms each way, measured): that is
+    window-bound, and the window must quadruple, not just double, or a 64 MiB download
+    spends a quarter of its time ramping up (bench/wan_bulk.py)."""
+    sender, receiver, _, clock = tuned_pair(rtt=0.02, max_window=16 * MiB)
+    sid = open_stream(sender, receiver)
+    move(sender, receiver, sid, clock, read=True, step=0.03)  # first credit: 2x
+    assert sender.send_window(sid) == 2 * INITIAL_WINDOW
+    move(sender, receiver, sid, clock, read=True, step=0.03)  # 1.5 round trips later
+    assert sender.send_window(sid) == 8 * INITIAL_WINDOW
