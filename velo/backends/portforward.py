@@ -135,6 +135,7 @@ class _PortForwardPipe(WSListener):
         self.sink: TunnelSink | None = None
         self.ws: WSTransport | None = None
         self.peer = label
+        self.shown = label  # "pod NAMESPACE/NAME port N": the namespace used, written or not
         self._port_seen = {DATA: False, ERROR: False}
         self._greeting = bytearray()
         self._write_paused = False
