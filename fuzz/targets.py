@@ -73,6 +73,9 @@ def header_input(data: bytes) -> None:
             break
         if message is not None:
             assert isinstance(message, dict) and isinstance(rest, bytes)
+            version, number = protocol.peer_release(message)  # a control header's version fields
+            assert isinstance(version, str) and len(version) <= 40 and isinstance(number, int) and number >= 0
+            protocol.describe_release(version, number)
             break
     control = protocol.MessageReader()
     for chunk in _chunks(data):

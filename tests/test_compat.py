@@ -41,8 +41,13 @@ def velo_before_exchange(dest: Path) -> dict:
     """The velo package as it was before the exchange (git history), for a process's env; with
     the velo-tcp plugin of the same commit, which the installed entry point then loads."""
     dest.mkdir()
+    git = ["git", "-C", str(ROOT)]
+    if subprocess.run([*git, "cat-file", "-e", f"{BEFORE_EXCHANGE}^{{commit}}"], capture_output=True).returncode:
+        # a shallow clone (CI checkouts often are): fetch just that commit from where it came
+        subprocess.run([*git, "fetch", "--quiet", "--depth=1", "origin", BEFORE_EXCHANGE], capture_output=True,
+                       timeout=120)
     try:
-        archive = subprocess.run(["git", "-C", str(ROOT), "archive", BEFORE_EXCHANGE, "velo", "plugins/velo-tcp"],
+        archive = subprocess.run([*git, "archive", BEFORE_EXCHANGE, "velo", "plugins/velo-tcp"],
                                  capture_output=True, check=True, timeout=60).stdout
     except (OSError, subprocess.CalledProcessError) as exc:
         pytest.fail(f"this test needs commit {BEFORE_EXCHANGE} from the repository's history "

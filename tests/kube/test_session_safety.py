@@ -115,6 +115,16 @@ def skewed(offset: str) -> dict[str, str]:
             "FAKETIME_NO_CACHE": "1"}
 
 
+def own_config(path, namespace: str, url: str, **kwargs):
+    """``kube_config`` under a project name of its own: the derived local ports depend on it,
+    so this test's `velo up` never collides with another run's on the same machine."""
+    import secrets
+
+    config = kube_config(path, namespace, url, **kwargs)
+    config.write_text(config.read_text().replace('name = "shop"', f'name = "shop-{secrets.token_hex(3)}"', 1))
+    return config
+
+
 def renewals(cluster, namespace: str, count: int, timeout: float) -> None:
     """Wait until the session's Lease was written ``count`` more times (time passing, measured
     by the laptop's own renewals)."""
@@ -179,7 +189,7 @@ def test_a_live_tunnel_keeps_the_session_while_the_laptop_cannot_reach_the_apise
         kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig",
                                         server=f"https://127.0.0.1:{relay.port}")
         laptop = procs.server("http", text="laptop still here")
-        config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+        config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
         up = kube_up(procs, config, env={"KUBECONFIG": str(kubeconfig)})
         assert intercepted(cluster, namespace)
         before = session_lease(cluster, namespace).metadata.resource_version
@@ -417,7 +427,7 @@ def test_the_apiserver_stopped_for_30s_ends_nothing(cluster, namespace, shop, pr
 
     lease_seconds = 15
     laptop = procs.server("http", text="laptop through the outage")
-    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
     backend, cache = up.port("backend"), up.port("cache")
@@ -484,7 +494,7 @@ def test_the_apiserver_terminated_for_30s_and_started_again_ends_nothing(cluster
     # apiserver that is gone. What this test proves is that nothing *else* in the session
     # needs the apiserver while the tunnel has its own path.
     laptop = procs.server("http", text="laptop through the restart")
-    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=30)
+    config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=30)
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
     backend, cache = up.port("backend"), up.port("cache")
@@ -582,7 +592,7 @@ def test_the_sessions_lease_deleted_by_hand_stops_the_session_with_one_line(clus
     it changed; it never keeps running without a Lease."""
     lease_seconds = 6
     laptop = procs.server("http", text="laptop")
-    config = kube_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
+    config = own_config(tmp_path / "p", namespace, shop.url, candidate_port=laptop, lease=lease_seconds)
     up = kube_up(procs, config, env={"KUBECONFIG": str(cluster.kubeconfig)})
     assert intercepted(cluster, namespace)
     lease = session_lease(cluster, namespace).metadata.name
@@ -599,3 +609,35 @@ def test_the_sessions_lease_deleted_by_hand_stops_the_session_with_one_line(clus
     svc = service(cluster, namespace)
     assert svc.spec.selector == {"app": "website"} and svc.spec.ports[0].target_port == "http"
     wait_for(lambda: not velo_objects(cluster, namespace), 30, "the session's objects to be removed")
+
+
+def test_a_dropped_api_connection_is_resumed_at_once_and_quietly(cluster, namespace, shop, procs, tmp_path):
+    """Something between the laptop and the apiserver resets every connection once (a proxy's
+    idle timeout, a VPN that reconnects): the Service watch lists again at once and sees what
+    changes next, without a word, because one reset is not an outage."""
+    from urllib.parse import urlsplit
+
+    api = urlsplit(cluster.server)
+    relay = CuttableRelay(api.hostname, api.port)
+    try:
+        kubeconfig = kubeconfig_variant(cluster.kubeconfig, tmp_path / "kubeconfig",
+                                        server=f"https://127.0.0.1:{relay.port}")
+        config = own_config(tmp_path / "p", namespace, shop.url)
+        up = kube_up(procs, config, env={"KUBECONFIG": str(kubeconfig)})
+        time.sleep(6)  # a watch that has worked for a while (not one that fails at once)
+        relay.cut()
+        relay.mend()
+        cut = time.monotonic()
+        cluster.start_in_cluster_service("late", namespace, kind="http", port=80)
+        try:
+            wait_for(lambda: up.port("late"), 20, f"the watch to see a Service created after the reset; log:\n"
+                                                  f"{up.proc.log()[-2000:]}", interval=0.2)
+            print(f"a Service created after the reset was forwarded {time.monotonic() - cut:.1f}s after it")
+        finally:
+            cluster.stop_in_cluster_service("late", namespace)
+        assert "cluster API is failing" not in up.proc.log(), up.proc.log()[-2000:]
+        assert up.status()["cluster"]["api"]["state"] == "ok"
+        up.proc.signal(signal.SIGTERM)
+        assert up.proc.wait(60) == 0
+    finally:
+        relay.close()

@@ -14,6 +14,7 @@ import logging
 import secrets
 import string
 import threading
+import time
 from importlib import resources
 from typing import AsyncIterator
 
@@ -238,6 +239,7 @@ class KubernetesSession(ProviderSession):
             resource_version = None
             delay = 0.5
             while not self._stopping.is_set():
+                watching_since = None
                 try:
                     if resource_version is None:  # first, or after a failure: list, then watch from there
                         listed = self.conn.core.list_namespaced_service(self.namespace, _request_timeout=(5, 15))
@@ -246,6 +248,7 @@ class KubernetesSession(ProviderSession):
                         delay = 0.5
                         loop.call_soon_threadsafe(changed.set)
                     self._watch = watch.Watch()
+                    watching_since = time.monotonic()
                     for event in self._watch.stream(self.conn.core.list_namespaced_service, self.namespace,
                                                     resource_version=resource_version,
                                                     timeout_seconds=self.WATCH_SECONDS,
@@ -263,8 +266,10 @@ class KubernetesSession(ProviderSession):
                     continue  # the server ended the watch on time: resume where it was
                 if self._stopping.is_set():
                     return
-                health.failed(doing, failure)
                 resource_version = None
+                if watching_since is not None and time.monotonic() - watching_since > 5:
+                    continue  # a watch that worked, broken once (a proxy's reset): list again at once, quietly
+                health.failed(doing, failure)
                 if self._stopping.wait(delay):
                     return
                 delay = min(delay * 2, 4.0)
@@ -533,10 +538,13 @@ class KubernetesSession(ProviderSession):
         docs = self._manifests(inventory)
 
         def create(doc):
-            try:
-                return utils.create_from_dict(conn.api, doc, namespace=self.namespace)[0]
+            doing = f"creating {doc['kind']} {doc['metadata']['name']}"
+            try:  # bounded like every other call: a frozen apiserver must not hang the start
+                return utils.create_from_dict(conn.api, doc, namespace=self.namespace, _request_timeout=15)[0]
             except utils.FailToCreateError as exc:
-                raise explain(exc.api_exceptions[0], conn, f"creating {doc['kind']} {doc['metadata']['name']}") from None
+                raise explain(exc.api_exceptions[0], conn, doing) from None
+            except Exception as exc:  # a timeout, a refused connection
+                raise explain(exc, conn, doing) from None
 
         # The Deployment first, scaled to zero: everything else is created owned by it, so
         # deleting that one object (by name) removes the session whatever step failed.
