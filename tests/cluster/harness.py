@@ -13,7 +13,7 @@ Layout of STATE_DIR:
     cluster.json        ports, paths, netns name (read by the pod runner and by `stop`)
     kubeconfig          admin client certificate (system:masters), self-contained
     pki/                CA, apiserver serving cert, admin cert, service-account key pair, tokens.csv
-    logs/<component>.log
+    logs/<component>.log, logs/audit.log (the apiserver's audit log: see AUDIT_POLICY)
     pids/<component>.pid    "PID STARTTIME" (starttime from /proc/PID/stat guards against pid reuse)
     pods/<ns>_<pod>.{log,pid,json} and pods/<ns>_<pod>/   (written by the pod runner)
     net/                in-cluster test services (pids, readiness files)

@@ -277,6 +277,11 @@ def test_live_edits_add_and_remove_candidates_and_refuse_what_needs_a_restart(cl
         assert up.proc.log().count(line) == 1 and "Traceback" not in up.proc.log()
         assert up.status()["last_reload_error"].startswith(why)
         assert sorted(r["name"] for r in up.status()["reverses"]) == routes, "no reverse route for it"
+    # Its Service's targetPorts were swapped for both ports: intercepting only one is a re-add.
+    config.write_text(with_api.replace(f"port = {api}", f"ports = {{ http = {api} }}"))
+    up.proc.wait_log("not applied, still running the last good config: [local.api]: changing which ports of "
+                     "Service api are intercepted needs removing [local.api]", timeout=20)
+    assert sorted(r["name"] for r in up.status()["reverses"]) == routes
     assert versions(cluster, namespace) == before, "a refused edit touches nothing in the cluster"
     assert up.proc.running()
 

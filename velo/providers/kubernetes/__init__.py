@@ -431,8 +431,16 @@ class KubernetesSession(ProviderSession):
         velo can carry it, nobody else holds it), before anything changes; raising refuses
         the edit.  The cluster is changed by ``apply_live``."""
         added = [name for name in config.local if name not in self.intercepted] if self.started else []
-        if added:
+        kept = [name for name in self.intercepted if name in config.local
+                and (config.local[name].ports, config.local[name].port) != (self.config.local[name].ports,
+                                                                             self.config.local[name].port)]
+        if added or kept:
             services = {s.metadata.name: s for s in await self._services()}
+            for name in kept:  # its Service's targetPorts were swapped for exactly those ports
+                svc = services.get(name)
+                if svc is not None and _carried(svc, config.local[name]) != _carried(svc, self.config.local[name]):
+                    raise ProviderError(f"[local.{name}]: changing which ports of Service {name} are intercepted "
+                                        f"needs removing [local.{name}] (save), then adding it back")
             for name in added:
                 svc = services.get(name)
                 if svc is None:
@@ -653,6 +661,14 @@ class KubernetesSession(ProviderSession):
     async def repair(self, everything: bool = False) -> list[str]:
         user = ix.user_label() if everything else None
         return await asyncio.to_thread(self._repair, everything, user)
+
+
+def _carried(svc, local) -> set[int]:
+    """The Service ports a candidate's reverse routes carry (what ``_reverses`` intercepts)."""
+    ports = [p for p in svc.spec.ports or [] if (p.protocol or "TCP") == "TCP"]
+    if local.ports is None:
+        return {p.port for p in ports}
+    return {p.port for p in ports if (p.name or str(p.port)) in local.ports or str(p.port) in local.ports}
 
 
 def proxy_resources(cluster) -> dict[str, str]:
