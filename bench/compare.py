@@ -134,6 +134,7 @@ class Compare:
         self.cluster = None
         self.toxiproxy: Toxiproxy | None = None
         self.notes: list[str] = []
+        self.kubectl_arms = ["kubectl", "kubectl-spdy"]  # bench/wan_bulk.py narrows this
 
     @staticmethod
     def _has_plugin(dist: str) -> bool:
@@ -256,9 +257,9 @@ spec:
         if self.cluster is not None:
             # kubectl's default since 1.31 tunnels SPDY over a WebSocket (KEP 4006); the
             # legacy SPDY upgrade beside it says which of the apiserver's protocols serves better.
-            arms["kubectl"] = self.start_port_forward(phase, self.kubeconfig(phase, "kubectl", wan), "kubectl")
-            arms["kubectl-spdy"] = self.start_port_forward(phase, self.kubeconfig(phase, "kubectl-spdy", wan),
-                                                           "kubectl-spdy", websockets=False)
+            for arm in self.kubectl_arms:
+                arms[arm] = self.start_port_forward(phase, self.kubeconfig(phase, arm, wan), arm,
+                                                    websockets=arm == "kubectl")
         for arm, port in arms.items():  # warm: the tunnel (or port-forward) carries a request
             wait_for(f"{arm} to answer", lambda p=port: self._get_ok(p), 30)
         return arms

@@ -37,6 +37,8 @@ class TunnelPipe(Protocol):
     """
 
     peer: str
+    # Optional ``shown``: where the backend actually went, when it resolved more than the
+    # Endpoint said (a pod named without its namespace): `velo status` shows it instead.
 
     def write(self, data: bytes | memoryview) -> None: ...
     def pause_reading(self) -> None: ...

@@ -23,7 +23,7 @@ from typing import Awaitable, Callable
 
 from velo import protocol
 from velo.channel import MessageChannel
-from velo.mux.window import WindowTuner
+from velo.mux.window import STREAM_START_WINDOW, WindowTuner
 from velo.mux import (
     DataReceived,
     GoAwayReceived,
@@ -138,7 +138,7 @@ class Tunnel:
         self.loop = asyncio.get_running_loop()
         self.client = client
         # Receive windows grow with the measured round trip (velo/mux/window.py).
-        self.window_tuner = WindowTuner()
+        self.window_tuner = WindowTuner(start_window=STREAM_START_WINDOW)
         session_limits = {} if max_buffered is None else {"max_buffered": max_buffered}
         self.session = Session(client=client, tuner=self.window_tuner, **session_limits)
         self.resolve = resolve

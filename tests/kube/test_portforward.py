@@ -327,7 +327,8 @@ def test_forbidden_shows_which_permission_and_granting_it_is_picked_up(cluster, 
     grant("pf-forward", [client.V1PolicyRule(api_groups=r["apiGroups"], resources=r["resources"], verbs=r["verbs"])
                          for r in rules])
     tunnel = up.wait_state("up", timeout=30)["tunnel"]
-    assert tunnel["url"] == f"pod {pod.name} port 7071"  # as written: the namespace came from the context
+    # not written in the table: status shows the namespace used, the kubeconfig context's
+    assert tunnel["url"] == f"pod {namespace}/{pod.name} port 7071"
     assert http_get(up.port("web")).endswith(b"allowed now")
 
 

@@ -31,6 +31,7 @@ from typing import Annotated, ClassVar
 from picows import WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 from pydantic import BeforeValidator
 
+from velo.backends.websocket import WS_MESSAGE
 from velo.backends.wsdial import dial
 from velo.config.errors import show_value
 from velo.config.tables import BackendTable, NonEmpty, Port, Text, problem
@@ -50,6 +51,7 @@ log = logging.getLogger("velo.portforward")
 NAME = "port-forward"
 SUBPROTOCOL = "v4.channel.k8s.io"
 DATA, ERROR = 0, 1
+DATA_PREFIX = bytes([DATA])
 MAGIC = b"VELO/1"
 OK = b"OK\n"
 DENIED = b"DENIED\n"
@@ -133,6 +135,7 @@ class _PortForwardPipe(WSListener):
         self.sink: TunnelSink | None = None
         self.ws: WSTransport | None = None
         self.peer = label
+        self.shown = label  # "pod NAMESPACE/NAME port N": the namespace used, written or not
         self._port_seen = {DATA: False, ERROR: False}
         self._greeting = bytearray()
         self._write_paused = False
@@ -224,7 +227,17 @@ class _PortForwardPipe(WSListener):
     # ---- velo -> picows --------------------------------------------------------------
 
     def write(self, data: bytes | memoryview) -> None:
-        self.ws.send(WSMsgType.BINARY, b"\x00" + data)
+        # Bounded messages, as the WebSocket backend sends: the far end (the kubelet's, or
+        # kwok's, port-forward stream server) passes a message on only once all of it
+        # arrived, and golang.org/x/net/websocket refuses one over 32 MiB outright; a
+        # flush can be MBs.
+        send = self.ws.send
+        if len(data) <= WS_MESSAGE:
+            send(WSMsgType.BINARY, DATA_PREFIX + data)
+            return
+        view = memoryview(data)
+        for start in range(0, len(view), WS_MESSAGE):
+            send(WSMsgType.BINARY, DATA_PREFIX + view[start : start + WS_MESSAGE])
 
     def pause_reading(self) -> None:
         self.ws.underlying_transport.pause_reading()

@@ -305,7 +305,8 @@ class TunnelClient:
     def _went_up(self, tunnel: Tunnel, control: ControlStream, endpoint: Endpoint, skipped: list[dict]) -> None:
         self.tunnel = tunnel
         self.backend = endpoint.backend
-        self.url = endpoint.shown
+        # where the backend actually went, if it resolved more (port-forward: the pod's namespace)
+        self.url = getattr(tunnel.pipe, "shown", "") or endpoint.shown
         self.connects += 1
         self.state = "up"
         self.last_error = ""
@@ -321,9 +322,9 @@ class TunnelClient:
         if self.down_since is not None and self.connects > 1:
             down = time.monotonic() - self.down_since
             log.info("tunnel back via %s (%s) after %s down, %d attempts%s",
-                     endpoint.backend, endpoint.shown, _duration(down), self.attempts + 1, why)
+                     endpoint.backend, self.url, _duration(down), self.attempts + 1, why)
         else:
-            log.info("tunnel up via %s (%s)%s", endpoint.backend, endpoint.shown, why)
+            log.info("tunnel up via %s (%s)%s", endpoint.backend, self.url, why)
         self.attempts = 0
         self.down_since = None
         self._said_down = False

@@ -26,6 +26,10 @@ from velo.hookspecs import hookimpl
 from velo.plan import Inventory, Reverse, Service, ServicePort, build_plan, service_env
 from velo.provider import Endpoint, Provider, ProviderError, ProviderSession
 
+# The traffic-proxy's port-forward:// listener (on the pod's loopback, outside PROXY_PORTS) is the
+# backend's own default port, so a [tunnel.port-forward] table and this provider agree.
+from velo.backends.portforward import DEFAULT_PORT as PORTFORWARD_PORT
+
 from . import intercept as ix
 from .api import ApiHealth, Connection, call, call_sync, connect, explain
 
@@ -82,7 +86,7 @@ class KubernetesSession(ProviderSession):
         self.session = secrets.token_hex(5)
         self.token = secrets.token_urlsafe(32)
         self.started = False
-        self.portforward_port = TUNNEL_PORT + 1
+        self.portforward_port = PORTFORWARD_PORT
         self.intercepted: list[str] = []
         self._warned: set[str] = set()  # warn once per Service, not on every re-discovery
         self._watch: watch.Watch | None = None
@@ -533,7 +537,7 @@ class KubernetesSession(ProviderSession):
         proxy_ports = sorted({r.gateway_port for r in inventory.reverses})
         tunnel_port = TUNNEL_PORT  # outside PROXY_PORTS
         self.tunnel_port = tunnel_port
-        self.portforward_port = TUNNEL_PORT + 1  # also outside PROXY_PORTS; reached on the pod's loopback
+        self.portforward_port = PORTFORWARD_PORT
         for doc in docs:
             if doc["kind"] == "Deployment":
                 container = doc["spec"]["template"]["spec"]["containers"][0]
