@@ -52,7 +52,25 @@ Authenticator = Callable[[str | None], bool]
 """Called with the presented bearer token (or None); True admits the client."""
 
 
-class ProtocolPipe(asyncio.Protocol):
+class SinkFlowControl:
+    """The socket's write-side flow control passed on to velo's sink, remembered while there
+    is no sink yet (a handshake in progress) so that the sink starts paused if need be."""
+
+    sink: TunnelSink | None = None
+    _write_paused = False
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        if self.sink is not None:
+            self.sink.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if self.sink is not None:
+            self.sink.resume_writing()
+
+
+class ProtocolPipe(SinkFlowControl, asyncio.Protocol):
     """A TunnelPipe over one asyncio stream transport (TCP, or TLS over it): the half every
     socket-based backend shares (h2, the tcp plugin).  asyncio's flow-control callbacks go
     to velo's sink; velo's calls go to the transport.  Subclasses create ``sink`` when their
@@ -63,7 +81,6 @@ class ProtocolPipe(asyncio.Protocol):
         self.sink: TunnelSink | None = None
         self.transport: asyncio.Transport | None = None
         self.peer = "?"
-        self._write_paused = False  # the socket asked to pause before the sink existed
 
     def start_sink(self) -> TunnelSink:
         sink = self.sink = self._sink_factory()
@@ -77,16 +94,6 @@ class ProtocolPipe(asyncio.Protocol):
     def connection_lost(self, exc: BaseException | None) -> None:
         if self.sink is not None:
             self.sink.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        if self.sink is not None:
-            self.sink.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.sink is not None:
-            self.sink.resume_writing()
 
     # ---- TunnelPipe ------------------------------------------------------------------
 

@@ -40,7 +40,9 @@ from velo.transport import (
     Authenticator,
     Endpoint,
     GatewayListen,
+    ProtocolPipe,
     SinkFactory,
+    SinkFlowControl,
     TunnelBackend,
     TunnelError,
     TunnelSink,
@@ -123,7 +125,7 @@ class PortForwardTable(BackendTable):
         return []
 
 
-class _PortForwardPipe(WSListener):
+class _PortForwardPipe(SinkFlowControl, WSListener):
     """One port-forward WebSocket as velo's TunnelPipe, after the in-stream greeting."""
 
     def __init__(self, sink_factory: SinkFactory, token: str, label: str, done: asyncio.Future) -> None:
@@ -177,16 +179,6 @@ class _PortForwardPipe(WSListener):
             self.sink.connection_lost(None)
         elif not self._done.done():
             self._done.set_exception(TunnelError(f"{self._label}: closed during the velo handshake"))
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        if self.sink is not None:
-            self.sink.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.sink is not None:
-            self.sink.resume_writing()
 
     # ---- the greeting ---------------------------------------------------------------
 
@@ -257,18 +249,15 @@ class _PortForwardPipe(WSListener):
             self.ws.disconnect(graceful=False)
 
 
-class _GatewayPipe(asyncio.Protocol):
+class _GatewayPipe(ProtocolPipe):
     """Gateway side: a connection that came through port-forward, greeting first."""
 
     def __init__(self, sink_factory: SinkFactory, authenticate: Authenticator) -> None:
-        self._sink_factory = sink_factory
+        super().__init__(sink_factory)
         self._authenticate = authenticate
-        self.sink: TunnelSink | None = None
-        self.transport: asyncio.Transport | None = None
         self.peer = "port-forward"
         self._buffer = bytearray()
         self._deadline: asyncio.TimerHandle | None = None
-        self._write_paused = False
 
     def connection_made(self, transport) -> None:
         self.transport = transport
@@ -301,43 +290,14 @@ class _GatewayPipe(asyncio.Protocol):
             self.transport.close()
             return
         self.transport.write(OK)
-        self.sink = self._sink_factory()
-        self.sink.connection_made(self)
-        if self._write_paused:
-            self.sink.pause_writing()
+        sink = self.start_sink()
         if rest:
-            self.sink.data_received(rest)
+            sink.data_received(rest)
 
     def connection_lost(self, exc) -> None:
         if self._deadline is not None:
             self._deadline.cancel()
-        if self.sink is not None:
-            self.sink.connection_lost(exc)
-
-    def pause_writing(self) -> None:
-        self._write_paused = True
-        if self.sink is not None:
-            self.sink.pause_writing()
-
-    def resume_writing(self) -> None:
-        self._write_paused = False
-        if self.sink is not None:
-            self.sink.resume_writing()
-
-    def write(self, data) -> None:
-        self.transport.write(data)
-
-    def pause_reading(self) -> None:
-        self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self.transport.resume_reading()
-
-    def close(self) -> None:
-        self.transport.close()
-
-    def abort(self) -> None:
-        self.transport.abort()
+        super().connection_lost(exc)
 
 
 class PortForwardBackend(TunnelBackend):

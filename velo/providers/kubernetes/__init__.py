@@ -123,12 +123,7 @@ class KubernetesSession(ProviderSession):
         # listeners), so that `$(BACKEND_SERVICE_PORT)` in its env expands like the kubelet's.
         links = service_env(list(build_plan(self.config, Inventory(tuple(inventory_services))).forwards))
         for name, local in self.config.local.items():
-            svc = by_name.get(name)
-            if svc is None:
-                close = difflib.get_close_matches(name, list(by_name), n=3)
-                hint = f"; did you mean {', '.join(close)}?" if close else ""
-                raise ProviderError(f"[local.{name}]: no Service {name} in namespace {self.namespace}{hint}")
-            refuse_candidate(name, svc, original_selector(svc))
+            svc = candidate_service(name, by_name, self.namespace)
             workload = await self._workload(name, svc, local.workload)
             reverses += self._reverses(name, svc, local)
             if workload is not None:
@@ -480,12 +475,7 @@ class KubernetesSession(ProviderSession):
                     raise ProviderError(f"[local.{name}]: changing which ports of Service {name} are intercepted "
                                         f"needs removing [local.{name}] (save), then adding it back")
             for name in added:
-                svc = services.get(name)
-                if svc is None:
-                    close = difflib.get_close_matches(name, list(services), n=3)
-                    hint = f"; did you mean {', '.join(close)}?" if close else ""
-                    raise ProviderError(f"[local.{name}]: no Service {name} in namespace {self.namespace}{hint}")
-                refuse_candidate(name, svc, original_selector(svc))
+                candidate_service(name, services, self.namespace)
                 await asyncio.to_thread(self._check_free, name)
         self.config = config
 
@@ -713,6 +703,17 @@ def proxy_resources(cluster) -> dict[str, str]:
     """The traffic-proxy container's requests and limits ([cluster] proxy_cpu_request ...)."""
     return {key: str(getattr(cluster, f"proxy_{key}"))
             for key in ("cpu_request", "memory_request", "cpu_limit", "memory_limit")}
+
+
+def candidate_service(name: str, services: dict, namespace: str):
+    """The Service ``[local.name]`` intercepts, if velo can carry it (else the one line why)."""
+    svc = services.get(name)
+    if svc is None:
+        close = difflib.get_close_matches(name, list(services), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ProviderError(f"[local.{name}]: no Service {name} in namespace {namespace}{hint}")
+    refuse_candidate(name, svc, original_selector(svc))
+    return svc
 
 
 def refuse_candidate(name: str, svc, selector: dict) -> None:
