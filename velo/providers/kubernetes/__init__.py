@@ -271,8 +271,8 @@ class KubernetesSession(ProviderSession):
         def run() -> None:
             resource_version = None
             delay = 0.5
+            quiet_at = float("-inf")  # the last failure retried at once without a word
             while not self._stopping.is_set():
-                watching_since = None
                 try:
                     if resource_version is None:  # first, or after a failure: list, then watch from there
                         listed = self.conn.core.list_namespaced_service(self.namespace, _request_timeout=(5, 15))
@@ -281,7 +281,6 @@ class KubernetesSession(ProviderSession):
                         delay = 0.5
                         loop.call_soon_threadsafe(changed.set)
                     self._watch = watch.Watch()
-                    watching_since = time.monotonic()
                     for event in self._watch.stream(self.conn.core.list_namespaced_service, self.namespace,
                                                     resource_version=resource_version,
                                                     timeout_seconds=self.WATCH_SECONDS,
@@ -300,8 +299,11 @@ class KubernetesSession(ProviderSession):
                 if self._stopping.is_set():
                     return
                 resource_version = None
-                if watching_since is not None and time.monotonic() - watching_since > 5:
-                    continue  # a watch that worked, broken once (a proxy's reset): list again at once, quietly
+                if time.monotonic() - quiet_at > QUIET_RETRY_EVERY:
+                    # One broken connection is not an outage (a proxy's or VPN's reset): list
+                    # again at once, unsaid; only a failure that repeats is the API failing.
+                    quiet_at = time.monotonic()
+                    continue
                 health.failed(doing, failure)
                 if self._stopping.wait(delay):
                     return
@@ -733,7 +735,12 @@ def refuse_candidate(name: str, svc, selector: dict) -> None:
                                 "in a Service of its own")
 
 
-PROXY_PORTS = (10000, 20000)  # [low, high): the traffic-proxy's ports for intercepted Service ports
+PROXY_PORTS = (10000, 20000)
+
+QUIET_RETRY_EVERY = 5.0
+"""Seconds between two failures of the Service watch that are retried at once and unsaid (a
+reset connection); within them a failure is reported and retried with backoff, so a watch
+the apiserver refuses every time (RBAC) cannot spin."""  # [low, high): the traffic-proxy's ports for intercepted Service ports
 
 
 def assign_proxy_ports(reverses: list[Reverse], kept: dict[tuple[str, int], int] | None = None) -> list[Reverse]:
