@@ -336,8 +336,6 @@ class KubernetesSession(ProviderSession):
     async def _mind_drift(self) -> None:
         """An intercepted Service put back by someone else is said once per change and, with
         ``on_drift = "reapply"``, intercepted again (its new selector becomes the original)."""
-        import time
-
         reapply = self.config.cluster.on_drift == "reapply"
         services = {s.metadata.name: s for s in await self._services()}
         for name in list(self.intercepted):
@@ -358,22 +356,24 @@ class KubernetesSession(ProviderSession):
             self._drift.add(name)
             if reapply:
                 event = self.drift_events[name]
-                ports = {r.service_port: r.gateway_port for r in self._last_reverses if r.service == name}
                 try:
                     await asyncio.to_thread(ix.release, self.conn, name, self.session)
-                    await asyncio.to_thread(ix.intercept, self.conn, name, self.session,
-                                            lambda s: ix.lease_alive(self.conn, s), ports)
+                    await self._intercept(name)
                 except ProviderError as exc:  # the watch retries; status says why meanwhile
                     event["state"] = f"re-applying failed: {str(exc).splitlines()[0]}"
                     raise
                 event.update(state="reapplied", reapplied_at=time.time())
                 self._drift.discard(name)
 
+    async def _intercept(self, name: str) -> None:
+        """Swap Service ``name`` to the traffic-proxy, each port to the proxy port it was given."""
+        ports = {r.service_port: r.gateway_port for r in self._last_reverses if r.service == name}
+        await asyncio.to_thread(ix.intercept, self.conn, name, self.session, lambda s: ix.lease_alive(self.conn, s),
+                                ports)
+
     def status(self) -> dict:
         """For `velo status`: the cluster API's health, and each intercepted Service someone
         else changed back, when, and whether velo re-applied its swap or it has no route."""
-        import time
-
         def clock(at: float) -> str:
             return time.strftime("%H:%M:%S", time.localtime(at))
 
@@ -418,7 +418,6 @@ class KubernetesSession(ProviderSession):
     async def start(self, say, path_ready=None) -> None:
         """Create the traffic-proxy and the Lease, wait until the tunnel and the reverse
         listeners work, then swap the selectors: a Service never points at a dead end."""
-        conn = self.conn
         timeout = self.config.cluster.ready_timeout
         deadline = asyncio.get_running_loop().time() + timeout
         repaired = await asyncio.to_thread(self._repair, False, None)
@@ -439,8 +438,7 @@ class KubernetesSession(ProviderSession):
                 raise ProviderError(f"no path from the traffic-proxy to this laptop within {timeout:g}s "
                                     f"(cluster.ready_timeout): {why}; no Service was changed")
         for name in self.config.local:
-            ports = {r.service_port: r.gateway_port for r in inventory.reverses if r.service == name}
-            await asyncio.to_thread(ix.intercept, conn, name, self.session, lambda s: ix.lease_alive(conn, s), ports)
+            await self._intercept(name)
             self.intercepted.append(name)
             say(f"velo: Service {name} now sends its traffic to this laptop")
 
@@ -499,9 +497,7 @@ class KubernetesSession(ProviderSession):
             done: list[str] = []
             try:
                 for name in added:
-                    ports = {r.service_port: r.gateway_port for r in self._last_reverses if r.service == name}
-                    await asyncio.to_thread(ix.intercept, self.conn, name, self.session,
-                                            lambda s: ix.lease_alive(self.conn, s), ports)
+                    await self._intercept(name)
                     done.append(name)
             except ProviderError:  # all of the edit or none of it: undo this edit's swaps
                 for name in done:
