@@ -58,8 +58,10 @@ from run import (  # noqa: E402  (same tools, processes and parsers as bench/run
     Procs,
     _nginx_has_e,
     accepts,
+    cleaning_up,
     ensure_tools,
     free_port,
+    interruptible,
     log,
     machine_info,
     run_curl,
@@ -134,7 +136,12 @@ class Compare:
         self.cluster = None
         self.toxiproxy: Toxiproxy | None = None
         self.notes: list[str] = []
-        self.kubectl_arms = ["kubectl", "kubectl-spdy"]  # bench/wan_bulk.py narrows this
+        self.kubectl_arms = ["kubectl", "kubectl-spdy"]
+
+    def only(self, wanted: list[str]) -> None:
+        """Measure just these arms (direct is always there to compare with)."""
+        self.backends = [b for b in self.backends if f"velo-{b[0]}" in wanted]
+        self.kubectl_arms = [a for a in self.kubectl_arms if a in wanted]
 
     @staticmethod
     def _has_plugin(dist: str) -> bool:
@@ -477,17 +484,25 @@ def main(argv=None) -> int:
     p.add_argument("--latency-ms", type=float, default=10.0, help="added each way on the WAN phase")
     p.add_argument("--bulk-timeout", type=float, default=120.0)
     p.add_argument("--no-kubectl", action="store_true", help="skip the kubectl port-forward arm")
+    p.add_argument("--arms", type=lambda s: s.split(","), default=None,
+                   help="only these arms besides direct, comma-separated (velo-websocket, velo-h2, velo-tcp, "
+                        "velo-port-forward, kubectl, kubectl-spdy); default: all")
     p.add_argument("--no-wan", action="store_true")
     p.add_argument("--no-install", action="store_true")
     p.add_argument("--keep-tmp", action="store_true")
     p.add_argument("--output", type=Path, default=RESULTS / "compare.md")
     args = p.parse_args(argv)
+    interruptible()
+    if args.arms and not any(a in ("kubectl", "kubectl-spdy", "velo-port-forward") for a in args.arms):
+        args.no_kubectl = True
     try:
         tools = ensure_tools(not args.no_install)
     except Fatal as exc:
         log(str(exc))
         return exc.code
     bench = Compare(args, tools)
+    if args.arms:
+        bench.only(args.arms)
     started = time.monotonic()
     load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
     arms: list[str] = []
@@ -508,8 +523,10 @@ def main(argv=None) -> int:
         log(f"FAILED: {exc}")
         return exc.code
     except KeyboardInterrupt:
+        log("interrupted; stopping everything this script started")
         return 130
     finally:
+        cleaning_up()
         bench.close()
     print(report)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -1050,10 +1050,22 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
+def interruptible() -> None:
+    """SIGTERM and Ctrl-C raise KeyboardInterrupt, so the script's ``finally`` stops every
+    process it started (a killed benchmark must not leave a cluster or velo running)."""
     signal.signal(signal.SIGTERM, _raise_interrupt)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started with SIGINT ignored
+
+
+def cleaning_up() -> None:
+    """From here on a second Ctrl-C or SIGTERM must not cut the cleanup short."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    interruptible()
     if importlib.util.find_spec("velo") is None:
         log(f"velo is not importable from {sys.executable}; run with the project venv: .venv/bin/python bench/run.py")
         return EXIT_SETUP
@@ -1107,8 +1119,7 @@ def main(argv=None) -> int:
         log("interrupted; stopping everything this script started")
         return 130
     finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not leave processes behind
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cleaning_up()
         bench.procs.stop_all()
         if not args.keep_tmp:
             shutil.rmtree(bench.tmp, ignore_errors=True)

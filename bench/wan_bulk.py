@@ -27,8 +27,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare import BACKENDS, BULK_MIB, PORT_FORWARD, Compare  # noqa: E402
-from run import BenchError, Fatal, ensure_tools, log, run_curl  # noqa: E402
+from compare import BULK_MIB, Compare  # noqa: E402
+from run import BenchError, Fatal, cleaning_up, ensure_tools, interruptible, log, run_curl  # noqa: E402
 from wan import GBIT_KBPS  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--bulk-timeout", type=float, default=120.0)
     p.add_argument("--keep-tmp", action="store_true")
     args = p.parse_args(argv)
+    interruptible()
     wanted = args.arms.split(",")
     args.no_kubectl = not any(a in ("kubectl", "kubectl-spdy", "velo-port-forward") for a in wanted)
     try:
@@ -59,8 +60,7 @@ def main(argv=None) -> int:
         log(str(exc))
         return exc.code
     bench = Compare(args, tools)
-    bench.backends = [b for b in BACKENDS + [PORT_FORWARD] if f"velo-{b[0]}" in wanted]
-    bench.kubectl_arms = [a for a in ("kubectl", "kubectl-spdy") if a in wanted]
+    bench.only(wanted)
     samples: dict[str, list[float]] = {a: [] for a in wanted}
     try:
         bench.start_nginx()
@@ -110,8 +110,10 @@ def main(argv=None) -> int:
         log(f"FAILED: {exc}")
         return exc.code
     except KeyboardInterrupt:
+        log("interrupted; stopping everything this script started")
         return 130
     finally:
+        cleaning_up()
         bench.close()
     return 0
 

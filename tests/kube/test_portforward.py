@@ -287,6 +287,49 @@ def test_a_pod_that_is_not_ready_is_that_backend_failing(cluster, namespace, pro
     _failing(up, f"port-forward: pod {namespace}/{pending.name} is not running (phase Pending)")
 
 
+def _service_account_token(cluster, namespace: str, name: str) -> str:
+    cluster.core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
+        metadata=client.V1ObjectMeta(name=name)))
+    return cluster.core.create_namespaced_service_account_token(name, namespace, client.AuthenticationV1TokenRequest(
+        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))).status.token
+
+
+def _grant(cluster, namespace: str, name: str, account: str, rules: list) -> None:
+    cluster.rbac.create_namespaced_role(namespace, client.V1Role(metadata=client.V1ObjectMeta(name=name),
+                                                                 rules=rules))
+    cluster.rbac.create_namespaced_role_binding(namespace, client.V1RoleBinding(
+        metadata=client.V1ObjectMeta(name=name),
+        role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=name),
+        subjects=[client.RbacV1Subject(kind="ServiceAccount", name=account, namespace=namespace)]))
+
+
+def _portforward_rules() -> list:
+    """Exactly what `velo rbac` grants for port-forward (a WebSocket upgrade is authorized as get,
+    and, since Kubernetes 1.35, as create too: AuthorizePodWebsocketUpgradeCreatePermission)."""
+    return [client.V1PolicyRule(api_groups=r["apiGroups"], resources=r["resources"], verbs=r["verbs"])
+            for r in yaml.safe_load(rbac_role("x"))["rules"] if "pods/portforward" in r["resources"]]
+
+
+def _token_client(cluster, token: str) -> client.ApiClient:
+    base = cluster.api_client.configuration
+    configuration = client.Configuration()
+    configuration.host, configuration.ssl_ca_cert = base.host, base.ssl_ca_cert
+    configuration.api_key["authorization"] = f"Bearer {token}"
+    return client.ApiClient(configuration)
+
+
+def _user_kubeconfig(cluster, namespace: str, path: Path, user: dict) -> Path:
+    """A kubeconfig for the test cluster whose only user is ``user`` (its ``user:`` entry);
+    the context's namespace is the table's default namespace."""
+    base = cluster.api_client.configuration
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "u",
+        "clusters": [{"name": "c", "cluster": {"server": base.host, "certificate-authority": base.ssl_ca_cert}}],
+        "users": [{"name": "u", "user": user}],
+        "contexts": [{"name": "u", "context": {"cluster": "c", "user": "u", "namespace": namespace}}]}))
+    return path
+
+
 @cluster_test
 def test_forbidden_shows_which_permission_and_granting_it_is_picked_up(cluster, namespace, procs, tmp_path):
     """A user who may not read the pod, then may read it but not port-forward, then may."""
@@ -294,42 +337,86 @@ def test_forbidden_shows_which_permission_and_granting_it_is_picked_up(cluster, 
     gateway = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
     pod = KwokPod(cluster, namespace)
     pod.forward_to(gateway.port)
-    cluster.core.create_namespaced_service_account(namespace, client.V1ServiceAccount(
-        metadata=client.V1ObjectMeta(name="pf-user")))
-    token = cluster.core.create_namespaced_service_account_token("pf-user", namespace, client.AuthenticationV1TokenRequest(
-        spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=3600))).status.token
-    base = cluster.api_client.configuration
-    kubeconfig = tmp_path / "pf-user.kubeconfig"
-    kubeconfig.write_text(json.dumps({  # the context's namespace is the table's default namespace
-        "apiVersion": "v1", "kind": "Config", "current-context": "pf-user",
-        "clusters": [{"name": "c", "cluster": {"server": base.host, "certificate-authority": base.ssl_ca_cert}}],
-        "users": [{"name": "pf-user", "user": {"token": token}}],
-        "contexts": [{"name": "pf-user", "context": {"cluster": "c", "user": "pf-user", "namespace": namespace}}]}))
+    token = _service_account_token(cluster, namespace, "pf-user")
+    kubeconfig = _user_kubeconfig(cluster, namespace, tmp_path / "pf-user.kubeconfig", {"token": token})
     up = _static_up(procs, tmp_path, pod.name, http, kubeconfig)
     status = _failing(up, f"permission denied while reading pod {namespace}/{pod.name}")
     assert "cannot get resource \"pods\"" in status["tunnel"]["last_error"]
 
-    def grant(name: str, rules: list) -> None:
-        cluster.rbac.create_namespaced_role(namespace, client.V1Role(metadata=client.V1ObjectMeta(name=name),
-                                                                     rules=rules))
-        cluster.rbac.create_namespaced_role_binding(namespace, client.V1RoleBinding(
-            metadata=client.V1ObjectMeta(name=name),
-            role_ref=client.V1RoleRef(api_group="rbac.authorization.k8s.io", kind="Role", name=name),
-            subjects=[client.RbacV1Subject(kind="ServiceAccount", name="pf-user", namespace=namespace)]))
-
-    grant("pf-read", [client.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get"])])
+    _grant(cluster, namespace, "pf-read", "pf-user", [client.V1PolicyRule(api_groups=[""], resources=["pods"],
+                                                                          verbs=["get"])])
     _failing(up, "permission denied by the apiserver (HTTP 403); port-forward needs the get and create verbs "
                  "on pods/portforward")
-    # exactly what `velo rbac` grants for it (a WebSocket upgrade is authorized as get, and,
-    # since Kubernetes 1.35, as create too: AuthorizePodWebsocketUpgradeCreatePermission)
-    rules = [rule for rule in yaml.safe_load(rbac_role(namespace))["rules"] if "pods/portforward" in rule["resources"]]
-    assert rules == [{"apiGroups": [""], "resources": ["pods/portforward"], "verbs": ["get", "create"]}]
-    grant("pf-forward", [client.V1PolicyRule(api_groups=r["apiGroups"], resources=r["resources"], verbs=r["verbs"])
-                         for r in rules])
+    rules = _portforward_rules()
+    assert [(r.api_groups, r.resources, r.verbs) for r in rules] == [([""], ["pods/portforward"], ["get", "create"])]
+    _grant(cluster, namespace, "pf-forward", "pf-user", rules)
     tunnel = up.wait_state("up", timeout=30)["tunnel"]
     # not written in the table: status shows the namespace used, the kubeconfig context's
     assert tunnel["url"] == f"pod {namespace}/{pod.name} port 7071"
     assert http_get(up.port("web")).endswith(b"allowed now")
+
+
+EXEC_PLUGIN = """
+import json, sys, time
+from pathlib import Path
+here = Path(sys.argv[1])
+with open(here / "runs", "a") as runs:
+    runs.write("run\\n")
+expires = time.time() + float(sys.argv[2])
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1", "kind": "ExecCredential", "status": {
+    "token": (here / "token").read_text().strip(),
+    "expirationTimestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(expires))}}))
+"""
+
+
+@cluster_test
+def test_an_exec_credential_plugin_is_run_and_run_again_once_its_token_expired(cluster, namespace, procs, tmp_path):
+    """How cloud clusters log in (aws eks get-token, gke-gcloud-auth-plugin, kubelogin): the
+    kubeconfig names a program that prints a short-lived token. velo runs it, and on a reconnect
+    after the token expired runs it again: the first token stops working meanwhile (its user
+    loses its RoleBindings), so the tunnel comes back only with the new one."""
+    http = procs.server("http", text="by exec plugin")
+    gateway = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
+    pod = KwokPod(cluster, namespace)
+    pod.forward_to(gateway.port)
+    read = [client.V1PolicyRule(api_groups=[""], resources=["pods"], verbs=["get"])]
+    for account in ("early", "late"):
+        _grant(cluster, namespace, f"{account}-read", account, read)
+        _grant(cluster, namespace, f"{account}-forward", account, _portforward_rules())
+    tokens = {account: _service_account_token(cluster, namespace, account) for account in ("early", "late")}
+    plugin = tmp_path / "plugin"
+    plugin.mkdir()
+    (plugin / "print_token.py").write_text(EXEC_PLUGIN)
+    (plugin / "token").write_text(tokens["early"])
+    lifetime = 4.0
+    kubeconfig = _user_kubeconfig(cluster, namespace, tmp_path / "exec.kubeconfig", {"exec": {
+        "apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable, "interactiveMode": "Never",
+        "args": [str(plugin / "print_token.py"), str(plugin), str(lifetime)]}})
+
+    up = _static_up(procs, tmp_path, pod.name, http, kubeconfig)
+    up.wait_state("up", timeout=30)
+    assert http_get(up.port("web")).endswith(b"by exec plugin")
+    runs = (plugin / "runs").read_text().count("run")
+    assert runs >= 1
+    expiry = time.monotonic() + lifetime
+
+    # The login moves on: the plugin now prints the other user's token, and the first user
+    # may no longer port-forward. Once the first token expired, the tunnel breaks (its
+    # gateway restarts elsewhere) and the reconnect must run the plugin again.
+    (plugin / "token").write_text(tokens["late"])
+    for name in ("early-read", "early-forward"):
+        cluster.rbac.delete_namespaced_role_binding(name, namespace)
+    with pytest.raises(client.ApiException) as denied:  # the premise: the first token is useless now
+        client.CoreV1Api(_token_client(cluster, tokens["early"])).read_namespaced_pod(pod.name, namespace)
+    assert denied.value.status == 403
+    wait_for(lambda: time.monotonic() > expiry, lifetime + 5, "the first token to expire")
+    gateway.proc.signal(9)
+    again = procs.gateway(f"127.0.0.1:{http}", scheme="port-forward")
+    pod.forward_to(again.port)
+    wait_for(lambda: http_get(up.port("web"), timeout=2).endswith(b"by exec plugin"), 30,
+             f"a request through the new tunnel; velo up log:\n{up.proc.log()[-2000:]}")
+    assert (plugin / "runs").read_text().count("run") > runs
+    assert up.status()["tunnel"]["state"] == "up"
 
 
 def test_a_missing_kubeconfig_is_that_backend_failing_not_velo_up(procs, tmp_path):
