@@ -103,9 +103,11 @@ _DATA_HEADER = struct.Struct(">IBL")     # length << 8 | type DATA (0), flags, s
 _WINDOW_UPDATE = struct.Struct(">IBLL")  # 4 << 8 | type 8, flags, stream id, increment
 _WU_LENGTH_TYPE = 4 << 8 | 0x8
 _END_STREAM_OR_PADDED = 0x1 | 0x8
-_CONN_OPEN = frozenset({h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN})
-_RECV_OK = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL})
-_SEND_OK = frozenset({h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE})
+# Tuples, not sets: a set lookup hashes the enum member in Python code (enum.__hash__),
+# a tuple compares by identity first; these run for every DATA frame.
+_CONN_OPEN = (h2.connection.ConnectionState.CLIENT_OPEN, h2.connection.ConnectionState.SERVER_OPEN)
+_RECV_OK = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_LOCAL)
+_SEND_OK = (h2.stream.StreamState.OPEN, h2.stream.StreamState.HALF_CLOSED_REMOTE)
 _fast_path_ok: bool | None = None
 
 
@@ -244,12 +246,16 @@ class H2Session:
         frames is handed to h2 in order (so h2 never holds a partial frame)."""
         conn = self.conn
         buf = self._inbuf
-        buf += data
-        n = len(buf)
+        if buf:  # a partial frame from the last read
+            buf += data
+            src = buf
+        else:  # usually: parse the read itself, slicing payloads out of it once
+            src = data if type(data) is bytes else bytes(data)
+        n = len(src)
         pos = run = 0
         unpack = _FRAME_HEADER.unpack_from
         while n - pos >= 9:
-            high, low, ftype, flags, sid = unpack(buf, pos)
+            high, low, ftype, flags, sid = unpack(src, pos)
             length = high << 16 | low
             if length > conn.max_inbound_frame_size:
                 conn._terminate_connection(h2.errors.ErrorCodes.FRAME_SIZE_ERROR)
@@ -260,14 +266,17 @@ class H2Session:
                 break
             if ftype == 0 and not flags & _END_STREAM_OR_PADDED:
                 if run < pos:
-                    self._translate(conn.receive_data(bytes(buf[run:pos])), out)
-                run = end if self._fast_data(sid & 0x7FFFFFFF, buf, pos + 9, end, out) else pos
+                    self._translate(conn.receive_data(bytes(src[run:pos])), out)
+                run = end if self._fast_data(sid & 0x7FFFFFFF, src, pos + 9, end, out) else pos
             pos = end
         if run < pos:
-            self._translate(conn.receive_data(bytes(buf[run:pos])), out)
-        del buf[:pos]
+            self._translate(conn.receive_data(bytes(src[run:pos])), out)
+        if src is buf:
+            del buf[:pos]
+        elif pos < n:
+            buf += src[pos:]
 
-    def _fast_data(self, sid: int, buf: bytearray, start: int, end: int, out: list) -> bool:
+    def _fast_data(self, sid: int, buf: bytes | bytearray, start: int, end: int, out: list) -> bool:
         """DATA without END_STREAM or padding on a stream both h2 and we have open: what
         h2's _receive_data_frame does, minus its event objects.  False: let h2 do it."""
         conn = self.conn
@@ -500,6 +509,12 @@ class H2Session:
                 k = min(n, conn.outbound_flow_control_window, stream.outbound_flow_control_window)
                 frame = conn.max_outbound_frame_size
                 out = conn._data_to_send
+                if 0 < k <= frame:  # the usual case: one frame
+                    out += _DATA_HEADER.pack(k << 8, 0, sid)
+                    out += data if k == n else memoryview(data)[:k]
+                    conn.outbound_flow_control_window -= k
+                    stream.outbound_flow_control_window -= k
+                    return k
                 view = memoryview(data)
                 pack = _DATA_HEADER.pack
                 for off in range(0, k, frame):
