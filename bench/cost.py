@@ -1,0 +1,109 @@
+#!/usr/bin/env python3
+"""Where a path's cost is: CPU per request and syscalls per request of every process on it.
+
+Same processes as bench/compare.py (its Compare class: nginx, the gateway, the test cluster,
+one `velo up` per backend, kubectl port-forward), on loopback. Per arm and connection count,
+one wrk run of 1 KiB keep-alive requests; meanwhile the CPU time (utime + stime from
+/proc/PID/stat) and the read and write syscalls (/proc/PID/io) of every process are read
+before and after, and divided by the requests that went through. A hop whose reads carry
+many requests each is batching; one whose CPU per request falls as connections rise pays
+per message, not per request.
+
+    .venv/bin/python bench/cost.py --arms velo-port-forward,kubectl --connections 1,32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from compare import Compare  # noqa: E402
+from run import BenchError, Fatal, cleaning_up, ensure_tools, interruptible, log, run_wrk  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+ARMS = "velo-websocket,velo-port-forward,kubectl"
+
+
+def sample(pid: int) -> tuple[float, int, int]:
+    """(CPU seconds, read syscalls, write syscalls) of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    io = {}
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            io[key] = int(value)
+    return (int(fields[11]) + int(fields[12])) / TICK, io["syscr"], io["syscw"]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arms", default=ARMS, help=f"comma-separated (default {ARMS})")
+    p.add_argument("--connections", type=lambda s: [int(x) for x in s.split(",")], default=[1, 32])
+    p.add_argument("--duration", type=int, default=4, help="seconds per wrk run")
+    p.add_argument("--keep-tmp", action="store_true")
+    args = p.parse_args(argv)
+    interruptible()
+    wanted = args.arms.split(",")
+    args.no_kubectl = not any(a in ("kubectl", "kubectl-spdy", "velo-port-forward") for a in wanted)
+    try:
+        tools = ensure_tools(True)
+    except Fatal as exc:
+        log(str(exc))
+        return exc.code
+    bench = Compare(args, tools)
+    bench.only(wanted)
+    try:
+        bench.start_nginx()
+        bench.start_gateway()
+        if not args.no_kubectl:
+            bench.start_cluster()
+        ports = bench.start_arms("loopback", False)
+        shared = {"gateway": bench.procs.procs["gateway"].pid, "nginx": bench.procs.procs["nginx"].pid}
+        if bench.cluster is not None:
+            shared["apiserver"] = bench.cluster._popen["kube-apiserver"].pid
+            shared["kwok"] = bench.cluster._popen["kwok"].pid
+        print(f"# loopback, 1 KiB keep-alive, wrk -t1 -d{args.duration}s; load average "
+              f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+        print("# per process: CPU us per request / reads per request / writes per request")
+        for arm in [a for a in wanted if a in ports]:
+            procs = dict(shared)
+            own = bench.procs.procs.get(f"up-loopback-{arm.removeprefix('velo-')}") or \
+                bench.procs.procs.get(f"{arm}-loopback")
+            if own is not None:
+                procs = {"velo up" if arm.startswith("velo-") else "kubectl": own.pid, **procs}
+            for conns in args.connections:
+                before = {name: sample(pid) for name, pid in procs.items()}
+                try:
+                    result = run_wrk(tools["wrk"], f"http://127.0.0.1:{ports[arm]}/1k.bin", conns, args.duration)
+                except BenchError as exc:
+                    print(f"{arm} c{conns}: FAILED: {exc}", flush=True)
+                    continue
+                after = {name: sample(pid) for name, pid in procs.items()}
+                requests = result["rps"] * args.duration
+                cells = []
+                for name in procs:
+                    cpu, reads, writes = (a - b for a, b in zip(after[name], before[name]))
+                    if cpu > 0.01 or reads > requests / 100:
+                        cells.append(f"{name} {1e6 * cpu / requests:.1f} us / {reads / requests:.2f} / "
+                                     f"{writes / requests:.2f}")
+                print(f"{arm} c{conns}: {result['rps']:,.0f} req/s; " + "; ".join(cells), flush=True)
+    except Fatal as exc:
+        log(f"FAILED: {exc}")
+        return exc.code
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything this script started")
+        return 130
+    finally:
+        cleaning_up()
+        bench.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
