@@ -40,7 +40,6 @@ import secrets
 import shutil
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -152,6 +151,30 @@ class Compare:
             return False
 
     # ---- setup --------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """What every arm shares: nginx, the gateway and, when an arm goes through the
+        apiserver, the test cluster."""
+        self.start_nginx()
+        self.start_gateway()
+        if not self.args.no_kubectl:
+            self.start_cluster()
+
+    def shared_pids(self) -> dict[str, int]:
+        """The processes every arm of the running phase goes through, by name, for CPU figures."""
+        pids = {"gateway": self.procs.procs["gateway"].pid, "nginx": self.procs.procs["nginx"].pid}
+        if self.toxiproxy is not None:
+            pids["toxiproxy"] = self.toxiproxy.proc.pid
+        if self.cluster is not None:
+            pids["apiserver"] = self.cluster._popen["kube-apiserver"].pid
+            pids["kwok"] = self.cluster._popen["kwok"].pid
+        return pids
+
+    def own_pid(self, phase: str, arm: str) -> int | None:
+        """The arm's own process: its `velo up`, or kubectl (None for direct)."""
+        proc = self.procs.procs.get(f"up-{phase}-{arm.removeprefix('velo-')}") if arm.startswith("velo-") \
+            else self.procs.procs.get(f"{arm}-{phase}")
+        return proc.pid if proc is not None else None
 
     def start_nginx(self) -> None:
         www = self.tmp / "www"
@@ -475,6 +498,36 @@ spec:
             shutil.rmtree(self.tmp, ignore_errors=True)
 
 
+THROUGH_APISERVER = ("kubectl", "kubectl-spdy", "velo-port-forward")
+
+
+def bench_for(args, wanted: list[str] | None, install: bool = True) -> Compare:
+    """A Compare for ``wanted`` arms (None: all), with the test cluster only when one of them
+    goes through the apiserver; Fatal when the tools cannot be had."""
+    if wanted is not None and not any(arm in THROUGH_APISERVER for arm in wanted):
+        args.no_kubectl = True
+    bench = Compare(args, ensure_tools(install))
+    if wanted is not None:
+        bench.only(wanted)
+    return bench
+
+
+def guarded(bench: Compare, body) -> int:
+    """``body()`` with ``bench`` running: a setup failure or Ctrl-C/SIGTERM is an exit code and
+    one line, and everything the bench started is stopped whatever happened."""
+    try:
+        return body() or 0
+    except Fatal as exc:
+        log(f"FAILED: {exc}")
+        return exc.code
+    except KeyboardInterrupt:
+        log("interrupted; stopping everything this script started")
+        return 130
+    finally:
+        cleaning_up()
+        bench.close()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rounds", type=int, default=3)
@@ -493,24 +546,17 @@ def main(argv=None) -> int:
     p.add_argument("--output", type=Path, default=RESULTS / "compare.md")
     args = p.parse_args(argv)
     interruptible()
-    if args.arms and not any(a in ("kubectl", "kubectl-spdy", "velo-port-forward") for a in args.arms):
-        args.no_kubectl = True
     try:
-        tools = ensure_tools(not args.no_install)
+        bench = bench_for(args, args.arms, install=not args.no_install)
     except Fatal as exc:
         log(str(exc))
         return exc.code
-    bench = Compare(args, tools)
-    if args.arms:
-        bench.only(args.arms)
     started = time.monotonic()
     load_start = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    arms: list[str] = []
-    try:
-        bench.start_nginx()
-        bench.start_gateway()
-        if not args.no_kubectl:
-            bench.start_cluster()
+
+    def run() -> None:
+        arms: list[str] = []
+        bench.start()
         for phase, wan in (("loopback", False), ("wan", True)):
             if wan and args.no_wan:
                 continue
@@ -519,20 +565,12 @@ def main(argv=None) -> int:
             bench.measure(phase, ports)
             bench.stop_arms(phase)
         report = bench.report(arms, started, (load_start, " ".join(f"{x:.1f}" for x in os.getloadavg())))
-    except Fatal as exc:
-        log(f"FAILED: {exc}")
-        return exc.code
-    except KeyboardInterrupt:
-        log("interrupted; stopping everything this script started")
-        return 130
-    finally:
-        cleaning_up()
-        bench.close()
-    print(report)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(report + "\n")
-    log(f"report written to {args.output}")
-    return 0
+        print(report)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(report + "\n")
+        log(f"report written to {args.output}")
+
+    return guarded(bench, run)
 
 
 if __name__ == "__main__":

@@ -22,23 +22,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare import Compare  # noqa: E402
-from run import BenchError, Fatal, cleaning_up, ensure_tools, interruptible, log, run_wrk  # noqa: E402
+from compare import bench_for, guarded  # noqa: E402
+from run import BenchError, Fatal, cpu_seconds, interruptible, log, run_wrk  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 ARMS = "velo-websocket,velo-port-forward,kubectl"
 
 
 def sample(pid: int) -> tuple[float, int, int]:
     """(CPU seconds, read syscalls, write syscalls) of ``pid`` so far."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
     io = {}
     with open(f"/proc/{pid}/io") as f:
         for line in f:
             key, _, value = line.partition(":")
             io[key] = int(value)
-    return (int(fields[11]) + int(fields[12])) / TICK, io["syscr"], io["syscw"]
+    return cpu_seconds(pid), io["syscr"], io["syscw"]
 
 
 def main(argv=None) -> int:
@@ -50,33 +47,24 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     interruptible()
     wanted = args.arms.split(",")
-    args.no_kubectl = not any(a in ("kubectl", "kubectl-spdy", "velo-port-forward") for a in wanted)
+    args.no_kubectl = False
     try:
-        tools = ensure_tools(True)
+        bench = bench_for(args, wanted)
     except Fatal as exc:
         log(str(exc))
         return exc.code
-    bench = Compare(args, tools)
-    bench.only(wanted)
-    try:
-        bench.start_nginx()
-        bench.start_gateway()
-        if not args.no_kubectl:
-            bench.start_cluster()
+    tools = bench.tools
+
+    def run() -> None:
+        bench.start()
         ports = bench.start_arms("loopback", False)
-        shared = {"gateway": bench.procs.procs["gateway"].pid, "nginx": bench.procs.procs["nginx"].pid}
-        if bench.cluster is not None:
-            shared["apiserver"] = bench.cluster._popen["kube-apiserver"].pid
-            shared["kwok"] = bench.cluster._popen["kwok"].pid
+        shared = bench.shared_pids()
         print(f"# loopback, 1 KiB keep-alive, wrk -t1 -d{args.duration}s; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print("# per process: CPU us per request / reads per request / writes per request")
         for arm in [a for a in wanted if a in ports]:
-            procs = dict(shared)
-            own = bench.procs.procs.get(f"up-loopback-{arm.removeprefix('velo-')}") or \
-                bench.procs.procs.get(f"{arm}-loopback")
-            if own is not None:
-                procs = {"velo up" if arm.startswith("velo-") else "kubectl": own.pid, **procs}
+            own = bench.own_pid("loopback", arm)
+            procs = dict(shared) if own is None else {"velo up" if arm.startswith("velo-") else arm: own, **shared}
             for conns in args.connections:
                 before = {name: sample(pid) for name, pid in procs.items()}
                 try:
@@ -93,17 +81,8 @@ def main(argv=None) -> int:
                         cells.append(f"{name} {1e6 * cpu / requests:.1f} us / {reads / requests:.2f} / "
                                      f"{writes / requests:.2f}")
                 print(f"{arm} c{conns}: {result['rps']:,.0f} req/s; " + "; ".join(cells), flush=True)
-    except Fatal as exc:
-        log(f"FAILED: {exc}")
-        return exc.code
-    except KeyboardInterrupt:
-        log("interrupted; stopping everything this script started")
-        return 130
-    finally:
-        cleaning_up()
-        bench.close()
-    return 0
 
+    return guarded(bench, run)
 
 if __name__ == "__main__":
     sys.exit(main())

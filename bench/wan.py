@@ -12,7 +12,6 @@ acknowledgement timing, extra round trips).
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time

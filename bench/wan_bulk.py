@@ -21,25 +21,16 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from compare import BULK_MIB, Compare  # noqa: E402
-from run import BenchError, Fatal, cleaning_up, ensure_tools, interruptible, log, run_curl  # noqa: E402
+from compare import BULK_MIB, bench_for, guarded  # noqa: E402
+from run import BenchError, Fatal, cpu_seconds, interruptible, log, run_curl  # noqa: E402
 from wan import GBIT_KBPS  # noqa: E402
 
-TICK = os.sysconf("SC_CLK_TCK")
 ARMS = "direct,velo-websocket,velo-port-forward,kubectl"
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def main(argv=None) -> int:
@@ -53,35 +44,27 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     interruptible()
     wanted = args.arms.split(",")
-    args.no_kubectl = not any(a in ("kubectl", "kubectl-spdy", "velo-port-forward") for a in wanted)
+    args.no_kubectl = False
     try:
-        tools = ensure_tools(True)
+        bench = bench_for(args, wanted)
     except Fatal as exc:
         log(str(exc))
         return exc.code
-    bench = Compare(args, tools)
-    bench.only(wanted)
+    tools = bench.tools
     samples: dict[str, list[float]] = {a: [] for a in wanted}
-    try:
-        bench.start_nginx()
-        bench.start_gateway()
-        if not args.no_kubectl:
-            bench.start_cluster()
+
+    def run() -> None:
+        bench.start()
         ports = bench.start_arms("wan", True)
-        pids = {"gateway": bench.procs.procs["gateway"].pid, "toxiproxy": bench.toxiproxy.proc.pid}
-        if bench.cluster is not None:
-            pids["apiserver"] = bench.cluster._popen["kube-apiserver"].pid
-            pids["kwok"] = bench.cluster._popen["kwok"].pid
+        pids = bench.shared_pids()
         print(f"# {BULK_MIB} MiB download, {args.latency_ms:g} ms added each way, cap {args.rate_kbps} KB/s; "
               f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print("# CPU seconds during the download: " + ", ".join(["up", *pids]))
         for r in range(args.rounds):
             order = wanted[r % len(wanted):] + wanted[:r % len(wanted)]
             for arm in order:
-                procs = dict(pids)
-                up = bench.procs.procs.get(f"up-wan-{arm.removeprefix('velo-')}")
-                if up is not None:
-                    procs = {"up": up.pid, **procs}
+                own = bench.own_pid("wan", arm)
+                procs = dict(pids) if own is None else {"up" if arm.startswith("velo-") else arm: own, **pids}
                 bench.toxiproxy.set_rate(arm, args.rate_kbps)
                 before = {k: cpu_seconds(v) for k, v in procs.items()}
                 try:
@@ -106,16 +89,8 @@ def main(argv=None) -> int:
                 print(f"#   {arm:<18} {med:6.1f} MB/s{ratio} (min {min(values):.1f}, max {max(values):.1f}, "
                       f"n={len(values)})")
         print(f"# load average at end {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    except Fatal as exc:
-        log(f"FAILED: {exc}")
-        return exc.code
-    except KeyboardInterrupt:
-        log("interrupted; stopping everything this script started")
-        return 130
-    finally:
-        cleaning_up()
-        bench.close()
-    return 0
+
+    return guarded(bench, run)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.helpers import Procs, free_port, wait_for, write_config  # noqa: E402
+from tests.helpers import Procs, free_port, write_config  # noqa: E402
 
 OLD_WATCHER = r'''
 import sys, runpy
