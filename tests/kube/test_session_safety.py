@@ -13,6 +13,7 @@ import signal
 import time
 
 import pytest
+from kubernetes import client
 
 from tests.cluster import podrunner
 from tests.helpers import free_port, status_cli, wait_for
@@ -307,7 +308,8 @@ def test_a_live_add_whose_reverse_path_never_comes_keeps_the_last_good_config(cl
                                                                               tmp_path):
     """The tunnel is down when a candidate is added: within ready_timeout the gateway never
     confirms its listeners, so its Service is not touched and the mesh forgets its routes
-    (the reconnected tunnel asks only for the old ones)."""
+    (the reconnected tunnel asks only for the old ones). A Service created while the add
+    waits is forwarded all the same: the rollback does not take it back with the edit."""
     from urllib.parse import urlsplit
 
     website = procs.server("http", text="website on this laptop")
@@ -322,22 +324,35 @@ def test_a_live_add_whose_reverse_path_never_comes_keeps_the_last_good_config(cl
         before = versions(cluster, namespace)
         relay.cut()
         wait_for(lambda: up.status()["tunnel"]["state"] != "up", 20, "the tunnel to be down")
+        reloads = up.status()["reloads"]
         config.write_text(config.read_text() + f"\n[local.api]\nport = {free_port()}\n")
+        wait_for(lambda: up.status()["reloads"] > reloads, 20, "the edit to be taken up")
+        cluster.core.create_namespaced_service(namespace, client.V1Service(  # while the add waits
+            metadata=client.V1ObjectMeta(name="late"),
+            spec=client.V1ServiceSpec(selector={"app": "late"}, ports=[client.V1ServicePort(port=8080)])))
         line = ("velocity.toml not applied, still running the last good config: no path from the traffic-proxy "
                 "to this laptop for [local.api] within 6s (cluster.ready_timeout): the tunnel is not connected")
         up.proc.wait_log(line, timeout=30)
         assert sorted(r["name"] for r in up.status()["reverses"]) == routes
+        wait_for(lambda: "late" in [f["name"] for f in up.status()["forwards"]], 10,
+                 f"the Service created meanwhile to be forwarded; log:\n{up.proc.log()[-2000:]}")
         relay.mend()
         wait_for(lambda: up.status()["tunnel"]["state"] == "up", 30, "the tunnel to be back")
         answer = wait_for(lambda: request_in_cluster(cluster, namespace, "website", 80, REQUEST), 20,
                           "a request to the Service website:80")
         assert answer.endswith(b"website on this laptop")
-        assert versions(cluster, namespace) == before, "nothing in the cluster changed"
+        after = versions(cluster, namespace)
+        del after["late"]
+        assert after == before, "nothing in the cluster changed"
         assert up.proc.log().count("not applied") == 1 and "Traceback" not in up.proc.log()
         up.proc.signal(signal.SIGTERM)
         assert up.proc.wait(60) == 0
     finally:
         relay.close()
+        try:
+            cluster.core.delete_namespaced_service("late", namespace)
+        except client.ApiException:
+            pass
     assert not holder(cluster, namespace, "api") and not intercepted(cluster, namespace)
 
 

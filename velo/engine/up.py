@@ -60,6 +60,11 @@ class Up:
         self.fatal = ""
         self.last_reload_error = ""
         self._config_digest = _digest(config.source_path)
+        # One reconciliation at a time: a live edit holds it from its check until its swap or
+        # rollback, so a cluster change that arrives meanwhile is applied after it, on top of
+        # whichever config won (never half-way, never undone by the rollback).
+        self._reconciling = asyncio.Lock()
+        self._edits = 0  # live edits taken up (applied or rolled back), counted under that lock
         self._tasks: list[asyncio.Task] = []
         self._must_run: set[asyncio.Task] = set()
         self.candidates: list[Candidate] = []
@@ -284,6 +289,11 @@ class Up:
             await self._reload(new)
 
     async def _reload(self, new: VelocityConfig) -> None:
+        async with self._reconciling:
+            self._edits += 1
+            await self._reload_locked(new)
+
+    async def _reload_locked(self, new: VelocityConfig) -> None:
         old, self.config = self.config, new
         self.last_reload_error = ""
         self.reloads += 1
@@ -345,9 +355,19 @@ class Up:
         self.candidates = kept
 
     async def _watch_provider(self) -> None:
+        edits = self._edits
         async for inventory in self.provider.watch():
-            self.inventory = inventory
-            await self._apply("cluster changed")
+            async with self._reconciling:
+                if self._edits != edits:
+                    # An edit came between: this was read under a config that may not be the
+                    # one running now (a rolled-back add's routes), so read it again.
+                    edits = self._edits
+                    try:
+                        inventory = await self.provider.inventory()
+                    except ProviderError:  # the API failing: the watch's own retries go on
+                        pass
+                self.inventory = inventory
+                await self._apply("cluster changed")
 
     # ---- output -----------------------------------------------------------------
 
