@@ -104,6 +104,34 @@ def test_a_headless_service_is_forwarded_to_its_ready_pod(cluster, namespace, sh
     assert f"{ip}\t{pod}.{svc}.{namespace}.svc.cluster.local" in records, records
 
 
+def test_a_named_target_port_whose_pod_comes_later_is_dialled_once_it_runs(cluster, namespace, shop, procs,
+                                                                            tmp_path, pod_server):
+    """The Service exists before its pods (a StatefulSet scaled up after `velo up`): velo says it
+    dials the Service's port until a running pod declares the name, then picks the number up by
+    itself. Pods starting change no Service, so no Service event announces it."""
+    core = cluster.core
+    core.create_namespaced_service(namespace, client.V1Service(
+        metadata=client.V1ObjectMeta(name="diary"),
+        spec=client.V1ServiceSpec(cluster_ip="None", selector={"app": "diary"},
+                                  ports=[client.V1ServicePort(name="http", port=80, target_port="diary-http")])))
+    config = kube_config(tmp_path / "p", namespace, shop.url)
+    config.write_text(config.read_text().replace('name = "shop"', 'name = "shop-diary"', 1))
+    up = kube_up(procs, config, env={KUBE_ENV_KEY: str(cluster.kubeconfig)})
+    assert up.forward("diary")["target"] == f"diary.{namespace}.svc.cluster.local:80"
+    up.proc.wait_log("Service diary: no running pod declares its targetPort diary-http yet; dialling port 80 "
+                     "until one does", timeout=10)
+
+    make_pod(cluster, namespace, "diary-0", {"app": "diary"}, hostname="diary-0", subdomain="diary",
+             ports={"diary-http": 7000})
+    wait_for(lambda: endpoint_pods(cluster, namespace, "diary") == {"diary-0"}, 60, "diary's EndpointSlice")
+    pod_server("diary-0", 7000)
+    wait_for(lambda: up.forward("diary")["target"] == f"diary.{namespace}.svc.cluster.local:7000", 15,
+             f"the forward to follow the pod's port; log:\n{up.proc.log()[-1500:]}")
+    answer = http_get(up.port("diary"), timeout=15)
+    assert answer.startswith(b"HTTP/1.0 200") and f"{namespace}/diary-0".encode() in answer, answer
+    assert up.proc.log().count("Service diary: a running pod declares its targetPort diary-http now") == 1
+
+
 def test_the_session_token_shows_nowhere(cluster, namespace, shop, procs, tmp_path):
     """Not in `velo up`'s output (at debug level), `velo status` or its JSON, the
     traffic-proxy's log, or the repr of the Endpoints that carry it."""

@@ -89,6 +89,10 @@ class KubernetesSession(ProviderSession):
         self.portforward_port = PORTFORWARD_PORT
         self.intercepted: list[str] = []
         self._warned: set[str] = set()  # warn once per Service, not on every re-discovery
+        # "service/port name" of headless Services whose named targetPort no running pod declares
+        # yet: while there are any, the watch re-reads every NAMED_PORT_RECHECK seconds (pods
+        # coming up change no Service, so no Service event would say they did).
+        self._unresolved: set[str] = set()
         self._watch: watch.Watch | None = None
         self._stopping = threading.Event()
         self._renewing: asyncio.Task | None = None
@@ -112,10 +116,16 @@ class KubernetesSession(ProviderSession):
         services = await self._services()
         by_name = {s.metadata.name: s for s in services}
         inventory_services = []
+        unresolved: set[str] = set()
         for svc in services:
-            ports = self._service_ports(svc, self._warned, await self._named_target_ports(svc))
+            ports = self._service_ports(svc, self._warned, await self._named_target_ports(svc), unresolved)
             if ports:
                 inventory_services.append(Service(svc.metadata.name, tuple(ports)))
+        for key in self._unresolved - unresolved:
+            self._warned.discard(key)  # resolved (or gone): should it come back, say so again
+            if key.split("/")[0] in by_name:
+                log.info("Service %s: a running pod declares its targetPort %s now; dialling that", *key.split("/", 1))
+        self._unresolved = unresolved
         reverses: list[Reverse] = []
         env: dict[str, str] = {}
         secret_keys: set[str] = set()
@@ -170,7 +180,8 @@ class KubernetesSession(ProviderSession):
                             ", ".join(map(str, sorted(numbers))), resolved[name])
         return resolved
 
-    def _service_ports(self, svc, warned: set, named: dict[str, int] | None = None) -> list[ServicePort]:
+    def _service_ports(self, svc, warned: set, named: dict[str, int] | None = None,
+                       unresolved: set[str] | None = None) -> list[ServicePort]:
         name = svc.metadata.name
         spec = svc.spec
         if spec.type == "ExternalName":
@@ -191,10 +202,14 @@ class KubernetesSession(ProviderSession):
                     target = port.target_port
                 elif port.target_port and (named or {}).get(port.target_port):
                     target = named[port.target_port]
-                elif port.target_port and f"{name}/{port.target_port}" not in warned:
-                    warned.add(f"{name}/{port.target_port}")
-                    log.warning("Service %s: no running pod declares its targetPort %s yet; dialling port %d",
-                                name, port.target_port, port.port)
+                elif port.target_port:
+                    key = f"{name}/{port.target_port}"
+                    if unresolved is not None:
+                        unresolved.add(key)
+                    if key not in warned:
+                        warned.add(key)
+                        log.warning("Service %s: no running pod declares its targetPort %s yet; dialling port %d "
+                                    "until one does", name, port.target_port, port.port)
             ports.append(ServicePort(port.name or "", port.port, host, target))
         return ports
 
@@ -314,7 +329,13 @@ class KubernetesSession(ProviderSession):
         last = None
         doing_reread, delay = "re-reading the cluster", 0.5
         while True:
-            await changed.wait()
+            if self._unresolved:
+                try:
+                    await asyncio.wait_for(changed.wait(), NAMED_PORT_RECHECK)
+                except TimeoutError:
+                    pass  # read again: the pods that declare the port may be running now
+            else:
+                await changed.wait()
             await asyncio.sleep(0.2)  # coalesce a burst of events
             changed.clear()
             try:
@@ -736,7 +757,10 @@ PROXY_PORTS = (10000, 20000)
 QUIET_RETRY_EVERY = 5.0
 """Seconds between two failures of the Service watch that are retried at once and unsaid (a
 reset connection); within them a failure is reported and retried with backoff, so a watch
-the apiserver refuses every time (RBAC) cannot spin."""  # [low, high): the traffic-proxy's ports for intercepted Service ports
+the apiserver refuses every time (RBAC) cannot spin."""
+NAMED_PORT_RECHECK = 3.0
+"""Seconds between re-reads while a headless Service's named targetPort has no running pod
+declaring it (its pods starting change no Service, so no Service event would say so)."""  # [low, high): the traffic-proxy's ports for intercepted Service ports
 
 
 def assign_proxy_ports(reverses: list[Reverse], kept: dict[tuple[str, int], int] | None = None) -> list[Reverse]:
