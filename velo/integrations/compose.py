@@ -65,16 +65,23 @@ def _docker(args: list[str], *, cwd: Path | None = None, what: str) -> str:
 
 
 def bridge_gateway() -> str:
-    """The docker bridge's gateway address: where ``host-gateway`` points from a container."""
+    """The docker bridge's gateway address: where ``host-gateway`` points from a container.
+
+    An engine that found its bridge interface already configured (restarted on a machine it
+    ran on before) reports the subnet without a gateway; the gateway is then the subnet's
+    first address, which is what the engine gives the bridge and ``host-gateway``."""
     out = _docker(["network", "inspect", "bridge", "--format", "{{json .IPAM.Config}}"],
                   what="cannot find the docker bridge (is the Docker engine running?)")
     for entry in json.loads(out or "null") or []:
-        gateway = entry.get("Gateway", "")
         try:
-            if ipaddress.ip_address(gateway).version == 4:
-                return gateway
+            gateway = ipaddress.ip_address(entry.get("Gateway", ""))
         except ValueError:
-            continue
+            try:
+                gateway = next(ipaddress.ip_network(entry.get("Subnet", "")).hosts())
+            except (ValueError, StopIteration):
+                continue
+        if gateway.version == 4:
+            return str(gateway)
     raise ComposeError("the docker bridge network has no IPv4 gateway; set remote.listen to an address "
                        "containers reach")
 
