@@ -315,21 +315,25 @@ class Up:
                 await self.provider.reconfigure(new)
                 self.inventory = await self.provider.inventory()
             except ProviderError as exc:
-                return self._not_applied(old, inventory, exc)
+                return await self._not_applied(old, inventory, exc)
         await self._apply(f"{new.source_path.name} changed")
         try:  # the mesh has the new routes; the provider redirects traffic to them
             await self.provider.apply_live(self.say, self._path_ready)
         except ProviderError as exc:
-            self._not_applied(old, inventory, exc)
-            await self._apply(None)  # the mesh drops what the edit added (its reverse listeners)
+            # The mesh drops what the edit added (its reverse listeners) before the line says
+            # the last good config runs: `velo status` right after it shows that config.
+            await self._not_applied(old, inventory, exc, reapply=True)
             return
         await self._sync_candidates()
 
-    def _not_applied(self, old: VelocityConfig, inventory: Inventory, exc: ProviderError) -> None:
+    async def _not_applied(self, old: VelocityConfig, inventory: Inventory, exc: ProviderError, *,
+                           reapply: bool = False) -> None:
         self.config, self.inventory = old, inventory
         self.provider.update_config(old)
         self.reloads -= 1
         self.last_reload_error = str(exc)
+        if reapply:
+            await self._apply(None)
         self.say(f"velo: {old.source_path.name} not applied, still running the last good config: {exc}")
 
     async def _sync_candidates(self) -> None:
