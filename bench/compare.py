@@ -170,11 +170,13 @@ class Compare:
             pids["kwok"] = self.cluster._popen["kwok"].pid
         return pids
 
-    def own_pid(self, phase: str, arm: str) -> int | None:
-        """The arm's own process: its `velo up`, or kubectl (None for direct)."""
-        proc = self.procs.procs.get(f"up-{phase}-{arm.removeprefix('velo-')}") if arm.startswith("velo-") \
+    def path_pids(self, phase: str, arm: str) -> dict[str, int]:
+        """The processes ``arm``'s requests cross: its own (`velo up` as "up", or kubectl; none
+        for direct) first, then ``shared_pids``."""
+        own = self.procs.procs.get(f"up-{phase}-{arm.removeprefix('velo-')}") if arm.startswith("velo-") \
             else self.procs.procs.get(f"{arm}-{phase}")
-        return proc.pid if proc is not None else None
+        pids = {} if own is None else {"up" if arm.startswith("velo-") else arm: own.pid}
+        return {**pids, **self.shared_pids()}
 
     def start_nginx(self) -> None:
         www = self.tmp / "www"
@@ -504,8 +506,8 @@ THROUGH_APISERVER = ("kubectl", "kubectl-spdy", "velo-port-forward")
 def bench_for(args, wanted: list[str] | None, install: bool = True) -> Compare:
     """A Compare for ``wanted`` arms (None: all), with the test cluster only when one of them
     goes through the apiserver; Fatal when the tools cannot be had."""
-    if wanted is not None and not any(arm in THROUGH_APISERVER for arm in wanted):
-        args.no_kubectl = True
+    args.no_kubectl = getattr(args, "no_kubectl", False) or (
+        wanted is not None and not any(arm in THROUGH_APISERVER for arm in wanted))
     bench = Compare(args, ensure_tools(install))
     if wanted is not None:
         bench.only(wanted)

@@ -47,7 +47,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     interruptible()
     wanted = args.arms.split(",")
-    args.no_kubectl = False
     try:
         bench = bench_for(args, wanted)
     except Fatal as exc:
@@ -58,13 +57,11 @@ def main(argv=None) -> int:
     def run() -> None:
         bench.start()
         ports = bench.start_arms("loopback", False)
-        shared = bench.shared_pids()
         print(f"# loopback, 1 KiB keep-alive, wrk -t1 -d{args.duration}s; load average "
               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
         print("# per process: CPU us per request / reads per request / writes per request")
         for arm in [a for a in wanted if a in ports]:
-            own = bench.own_pid("loopback", arm)
-            procs = dict(shared) if own is None else {"velo up" if arm.startswith("velo-") else arm: own, **shared}
+            procs = bench.path_pids("loopback", arm)
             for conns in args.connections:
                 before = {name: sample(pid) for name, pid in procs.items()}
                 try:
@@ -83,6 +80,7 @@ def main(argv=None) -> int:
                 print(f"{arm} c{conns}: {result['rps']:,.0f} req/s; " + "; ".join(cells), flush=True)
 
     return guarded(bench, run)
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -44,7 +44,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     interruptible()
     wanted = args.arms.split(",")
-    args.no_kubectl = False
     try:
         bench = bench_for(args, wanted)
     except Fatal as exc:
@@ -56,15 +55,13 @@ def main(argv=None) -> int:
     def run() -> None:
         bench.start()
         ports = bench.start_arms("wan", True)
-        pids = bench.shared_pids()
         print(f"# {BULK_MIB} MiB download, {args.latency_ms:g} ms added each way, cap {args.rate_kbps} KB/s; "
               f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-        print("# CPU seconds during the download: " + ", ".join(["up", *pids]))
+        print("# CPU seconds during the download: " + ", ".join(["up", *bench.shared_pids()]))
         for r in range(args.rounds):
             order = wanted[r % len(wanted):] + wanted[:r % len(wanted)]
             for arm in order:
-                own = bench.own_pid("wan", arm)
-                procs = dict(pids) if own is None else {"up" if arm.startswith("velo-") else arm: own, **pids}
+                procs = bench.path_pids("wan", arm)
                 bench.toxiproxy.set_rate(arm, args.rate_kbps)
                 before = {k: cpu_seconds(v) for k, v in procs.items()}
                 try:

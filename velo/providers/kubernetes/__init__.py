@@ -180,8 +180,8 @@ class KubernetesSession(ProviderSession):
                             ", ".join(map(str, sorted(numbers))), resolved[name])
         return resolved
 
-    def _service_ports(self, svc, warned: set, named: dict[str, int] | None = None,
-                       unresolved: set[str] | None = None) -> list[ServicePort]:
+    def _service_ports(self, svc, warned: set, named: dict[str, int], unresolved: set[str]) -> list[ServicePort]:
+        """``unresolved`` gets "service/name" of each named targetPort no running pod declares."""
         name = svc.metadata.name
         spec = svc.spec
         if spec.type == "ExternalName":
@@ -200,12 +200,11 @@ class KubernetesSession(ProviderSession):
             if headless:  # no proxying: pods are dialled directly, at their own port
                 if isinstance(port.target_port, int):
                     target = port.target_port
-                elif port.target_port and (named or {}).get(port.target_port):
+                elif port.target_port and named.get(port.target_port):
                     target = named[port.target_port]
                 elif port.target_port:
                     key = f"{name}/{port.target_port}"
-                    if unresolved is not None:
-                        unresolved.add(key)
+                    unresolved.add(key)
                     if key not in warned:
                         warned.add(key)
                         log.warning("Service %s: no running pod declares its targetPort %s yet; dialling port %d "
@@ -752,7 +751,7 @@ def refuse_candidate(name: str, svc, selector: dict) -> None:
                                 "in a Service of its own")
 
 
-PROXY_PORTS = (10000, 20000)
+PROXY_PORTS = (10000, 20000)  # [low, high): the traffic-proxy's ports for intercepted Service ports
 
 QUIET_RETRY_EVERY = 5.0
 """Seconds between two failures of the Service watch that are retried at once and unsaid (a
@@ -760,7 +759,7 @@ reset connection); within them a failure is reported and retried with backoff, s
 the apiserver refuses every time (RBAC) cannot spin."""
 NAMED_PORT_RECHECK = 3.0
 """Seconds between re-reads while a headless Service's named targetPort has no running pod
-declaring it (its pods starting change no Service, so no Service event would say so)."""  # [low, high): the traffic-proxy's ports for intercepted Service ports
+declaring it (its pods starting change no Service, so no Service event would say so)."""
 
 
 def assign_proxy_ports(reverses: list[Reverse], kept: dict[tuple[str, int], int] | None = None) -> list[Reverse]:
